@@ -9,4 +9,10 @@
 #[cfg(not(test))]
 extern crate no_std_compat as std;
 
+mod common;
+pub mod error;
 pub mod wire;
+
+pub use common::{Handled, TlsPolicy, Transmit, Want};
+pub use error::{Error, Incompatible, Misbehavior, Misuse};
+pub use wire::{Cookie, Errno};
