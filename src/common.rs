@@ -51,6 +51,16 @@ pub enum Transmit {
         /// Number of bytes to send.
         len: usize,
     },
+    /// Send `len` zero bytes now (a hole inside a simple read reply, which cannot describe
+    /// holes). Keep a static buffer of zeroes for this.
+    Zeroes {
+        /// The command the bytes belong to.
+        cookie: Cookie,
+        /// Export offset of the first zero byte.
+        offset: u64,
+        /// Number of zero bytes to send.
+        len: usize,
+    },
 }
 
 /// What the machine needs next from the transport.
@@ -70,6 +80,13 @@ pub enum Want {
         /// Export offset of the next payload byte.
         offset: u64,
         /// Payload bytes still to move.
+        len: usize,
+    },
+    /// Read `len` bytes from the transport and throw them away (a payload the machine has
+    /// already refused, such as the data of a write to a read-only export), then call
+    /// `handle_payload` with the number discarded. It may be done in pieces.
+    Discard {
+        /// Bytes still to discard.
         len: usize,
     },
     /// Nothing is expected from the peer right now (no reply owed, or the session is

@@ -267,6 +267,9 @@ pub enum Misbehavior {
     },
     /// Bytes after `NBD_CMD_DISC`.
     DataAfterDisconnect,
+    /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated (proto.md: the client
+    /// MUST NOT).
+    ExportNameAfterExtendedHeaders,
     /// A cookie reused while a request with it is still in flight.
     DuplicateCookie(Cookie),
 }
@@ -363,6 +366,9 @@ impl fmt::Display for Misbehavior {
             }
             PayloadTooLong { cookie, len } => write!(f, "payload of {len} bytes for {cookie}"),
             DataAfterDisconnect => f.write_str("data after NBD_CMD_DISC"),
+            ExportNameAfterExtendedHeaders => {
+                f.write_str("NBD_OPT_EXPORT_NAME after extended headers")
+            }
             DuplicateCookie(c) => write!(f, "cookie {c} reused while in flight"),
         }
     }

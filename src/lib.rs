@@ -11,6 +11,7 @@ extern crate no_std_compat as std;
 
 mod common;
 pub mod error;
+pub mod server;
 pub mod wire;
 
 pub use common::{Handled, TlsPolicy, Transmit, Want};
