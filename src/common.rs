@@ -3,7 +3,7 @@
 
 use crate::wire::Cookie;
 
-/// What [`handle_input`](crate::client::Client::handle_input) did with the bytes it was
+/// What `handle_input` did with the bytes it was
 /// given: how many it consumed, and at most one event.
 ///
 /// Events may borrow the input (names, messages, extents): handle the event first, then

@@ -25,7 +25,7 @@ pub enum Error {
     PeerMisbehaved(Misbehavior),
     /// The peer lacks something this side was configured to require, or refused it. Fatal:
     /// end the session (the machine already queued a polite goodbye where the protocol has
-    /// one; drain [`poll_transmit`](crate::client::Client::poll_transmit) first).
+    /// one; drain `poll_transmit` first).
     PeerIncompatible(Incompatible),
     /// The peer closed the connection in the middle of a message or while replies were
     /// owed. Fatal.

@@ -132,15 +132,16 @@ impl Request {
         }
     }
 
-    /// Number of payload bytes that follow this header on the wire: the length of a
-    /// compact `NBD_CMD_WRITE`, or the length of an extended request with
-    /// `NBD_CMD_FLAG_PAYLOAD_LEN`; zero otherwise.
+    /// Number of payload bytes that follow this header on the wire: the length of an
+    /// `NBD_CMD_WRITE`, or of an extended request with `NBD_CMD_FLAG_PAYLOAD_LEN`; zero
+    /// otherwise.
+    ///
+    /// With extended headers the spec requires `PAYLOAD_LEN` on every write, but QEMU 10's
+    /// client omits it (its server tolerates that, as does this crate's): a write always
+    /// carries its data, so it is counted with or without the flag.
     pub fn payload_len(&self) -> u64 {
-        let has_payload = if self.extended {
-            self.flags.contains(CmdFlags::PAYLOAD_LEN)
-        } else {
-            self.command == Command::Write
-        };
+        let has_payload = self.command == Command::Write
+            || (self.extended && self.flags.contains(CmdFlags::PAYLOAD_LEN));
         if has_payload {
             self.len
         } else {
@@ -361,6 +362,12 @@ mod tests {
         assert_eq!(Request::parse(&EXT_WRITE).unwrap().payload_len(), 4);
         assert_eq!(Request::parse(&EXT_TRIM).unwrap().payload_len(), 0);
         assert_eq!(Request::parse(&READ).unwrap().payload_len(), 0);
+        // An extended write without PAYLOAD_LEN (as QEMU 10 sends) still carries its data.
+        let qemu = req(Command::Write, CmdFlags::FUA, 9, 0, 512, true);
+        assert_eq!(qemu.payload_len(), 512);
+        // PAYLOAD_LEN in a compact header is meaningless: no payload.
+        let compact = req(Command::Read, CmdFlags::PAYLOAD_LEN, 9, 0, 512, false);
+        assert_eq!(compact.payload_len(), 0);
     }
 
     #[test]
