@@ -255,9 +255,6 @@ pub enum Misbehavior {
     /// A request in the wrong header form: extended without extended headers, or compact
     /// after they were negotiated.
     WrongRequestForm,
-    /// An extended `NBD_CMD_WRITE` without `NBD_CMD_FLAG_PAYLOAD_LEN`: the server cannot
-    /// know whether a payload follows.
-    WriteWithoutPayloadLen(Cookie),
     /// A payload so large it can only be a denial of service.
     PayloadTooLong {
         /// The request's cookie.
@@ -360,9 +357,6 @@ impl fmt::Display for Misbehavior {
             OptionTooLong { opt, len } => write!(f, "{opt} of {len} bytes"),
             WrongRequestForm => {
                 f.write_str("request header form does not match the negotiated one")
-            }
-            WriteWithoutPayloadLen(c) => {
-                write!(f, "extended write {c} without NBD_CMD_FLAG_PAYLOAD_LEN")
             }
             PayloadTooLong { cookie, len } => write!(f, "payload of {len} bytes for {cookie}"),
             DataAfterDisconnect => f.write_str("data after NBD_CMD_DISC"),

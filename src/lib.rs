@@ -9,6 +9,8 @@
 #[cfg(not(test))]
 extern crate no_std_compat as std;
 
+#[cfg(feature = "std")]
+pub mod blocking;
 mod common;
 pub mod error;
 pub mod server;

@@ -1,0 +1,490 @@
+//! An NBD server on an in-memory disk or a file, built on `nbd_proto::blocking::server`.
+//!
+//! ```text
+//! cargo run --release --example nbd-server                 # 1 GiB sparse memory disk, 127.0.0.1:10809
+//! qemu-img info nbd://127.0.0.1:10809                      # or: nbdinfo nbd://127.0.0.1:10809
+//! ```
+//!
+//! Options (export options apply to the export named by the last `--export`, or to the
+//! default export `""` before any `--export`):
+//!
+//! ```text
+//! --listen ADDR:PORT        listen on TCP (default 127.0.0.1:10809 unless --unix is given)
+//! --unix PATH               listen on a Unix socket
+//! --pid-file PATH           write the process ID here once listening
+//! --oldstyle                oldstyle negotiation (serves the first export)
+//! --no-structured-replies   refuse NBD_OPT_STRUCTURED_REPLY
+//! --no-extended-headers     refuse NBD_OPT_EXTENDED_HEADERS
+//! --export NAME             start another export
+//! --memory SIZE             sparse memory disk (K, M, G, T suffixes; default 1G)
+//! --file PATH               a file or block device
+//! --read-only               refuse writes
+//! --description TEXT        description sent to clients
+//! --block-size MIN:PREF:MAX advertise (and enforce) block-size constraints
+//! --dirty-bitmap NAME       serve qemu:dirty-bitmap:NAME: blocks written since start
+//! --granularity SIZE        dirty bitmap granularity (default 64K)
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::exit;
+use std::sync::Arc;
+use std::thread;
+
+use nbd_proto::blocking::server::{serve, Backend, DirtyBitmap, Export, MemoryBackend, Options};
+use nbd_proto::server::ServerConfig;
+use nbd_proto::wire::extent::{STATE_HOLE, STATE_ZERO};
+use nbd_proto::wire::{BlockSize, Extent, TransmissionFlags};
+
+struct ExportSpec {
+    name: String,
+    memory: Option<u64>,
+    file: Option<PathBuf>,
+    read_only: bool,
+    description: Option<String>,
+    block_size: Option<BlockSize>,
+    dirty_bitmap: Option<String>,
+    granularity: u64,
+}
+
+impl ExportSpec {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            memory: None,
+            file: None,
+            read_only: false,
+            description: None,
+            block_size: None,
+            dirty_bitmap: None,
+            granularity: 64 << 10,
+        }
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("nbd-server: {e}");
+        exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let mut listen: Option<String> = None;
+    let mut unix: Option<PathBuf> = None;
+    let mut pid_file: Option<PathBuf> = None;
+    let mut config = ServerConfig::default();
+    let mut oldstyle = false;
+    let mut specs = vec![ExportSpec::new("")];
+    let mut explicit = false;
+    while let Some(arg) = args.next() {
+        let mut value = |what: &str| args.next().ok_or_else(|| format!("{arg} needs {what}"));
+        let spec = specs.last_mut().expect("at least one export");
+        match arg.as_str() {
+            "--listen" => listen = Some(value("ADDR:PORT")?),
+            "--unix" => unix = Some(value("PATH")?.into()),
+            "--pid-file" => pid_file = Some(value("PATH")?.into()),
+            "--oldstyle" => oldstyle = true,
+            "--no-structured-replies" => config.structured_replies = false,
+            "--no-extended-headers" => config.extended_headers = false,
+            "--export" => {
+                let name = value("NAME")?;
+                if explicit {
+                    specs.push(ExportSpec::new(&name));
+                } else {
+                    spec.name = name;
+                    explicit = true;
+                }
+            }
+            "--memory" => spec.memory = Some(parse_size(&value("SIZE")?)?),
+            "--file" => spec.file = Some(value("PATH")?.into()),
+            "--read-only" => spec.read_only = true,
+            "--description" => spec.description = Some(value("TEXT")?),
+            "--block-size" => spec.block_size = Some(parse_block_size(&value("MIN:PREF:MAX")?)?),
+            "--dirty-bitmap" => spec.dirty_bitmap = Some(value("NAME")?),
+            "--granularity" => spec.granularity = parse_size(&value("SIZE")?)?,
+            "-h" | "--help" => {
+                println!(
+                    "{}",
+                    include_str!("nbd-server.rs")
+                        .lines()
+                        .take_while(|l| l.starts_with("//!"))
+                        .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+
+    let mut exports = Vec::new();
+    for spec in &specs {
+        exports.push(build_export(spec)?);
+    }
+    let mut options = Options::new(exports);
+    options.config = config;
+    options.oldstyle = oldstyle;
+    let options = Arc::new(options);
+
+    let summary: Vec<String> = options
+        .exports
+        .iter()
+        .map(|e| {
+            format!(
+                "{:?} ({} bytes{})",
+                e.name,
+                e.backend.size(),
+                if e.read_only { ", read-only" } else { "" }
+            )
+        })
+        .collect();
+    if let Some(path) = unix {
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        on_signal_cleanup(vec![path.clone()], pid_file.clone());
+        write_pid(&pid_file)?;
+        let uri = format!("nbd+unix:///?socket={}", path.display());
+        println!(
+            "serving {} on {}; try: nbdinfo '{uri}'",
+            summary.join(", "),
+            path.display()
+        );
+        for stream in listener.incoming() {
+            let stream = stream.map_err(|e| e.to_string())?;
+            spawn(stream, &options);
+        }
+    } else {
+        let addr = listen.unwrap_or_else(|| "127.0.0.1:10809".into());
+        let listener =
+            TcpListener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        on_signal_cleanup(Vec::new(), pid_file.clone());
+        write_pid(&pid_file)?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        println!(
+            "serving {} on {local}; try: qemu-img info nbd://{local} or nbdinfo nbd://{local}",
+            summary.join(", ")
+        );
+        for stream in listener.incoming() {
+            let stream = stream.map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            spawn(stream, &options);
+        }
+    }
+    Ok(())
+}
+
+fn spawn<S: nbd_proto::blocking::server::Stream + 'static>(stream: S, options: &Arc<Options>) {
+    let options = options.clone();
+    thread::spawn(move || {
+        if let Err(e) = serve(stream, &options) {
+            eprintln!("nbd-server: connection ended: {e}");
+        }
+    });
+}
+
+fn build_export(spec: &ExportSpec) -> Result<Export, String> {
+    let mut backend: Arc<dyn Backend> = match (&spec.file, spec.memory) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "export {:?}: --file and --memory both given",
+                spec.name
+            ))
+        }
+        (Some(path), None) => Arc::new(FileBackend::open(path, spec.read_only, spec.block_size)?),
+        (None, size) => {
+            let m = MemoryBackend::new(size.unwrap_or(1 << 30));
+            if let Some(b) = spec.block_size {
+                Arc::new(Constrained(Arc::new(m), b))
+            } else {
+                Arc::new(m)
+            }
+        }
+    };
+    if let Some(name) = &spec.dirty_bitmap {
+        backend = Arc::new(DirtyBitmap::new(backend, name, spec.granularity));
+    }
+    let mut export = Export::new(&spec.name, backend);
+    export.read_only = spec.read_only;
+    export.description = spec.description.clone();
+    Ok(export)
+}
+
+fn write_pid(path: &Option<PathBuf>) -> Result<(), String> {
+    if let Some(p) = path {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// On SIGINT or SIGTERM: remove the socket and pid file, then exit.
+fn on_signal_cleanup(files: Vec<PathBuf>, pid_file: Option<PathBuf>) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nbd-server: cannot handle signals: {e}");
+            return;
+        }
+    };
+    thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            for f in files.iter().chain(pid_file.iter()) {
+                let _ = std::fs::remove_file(f);
+            }
+            eprintln!("nbd-server: signal {sig}, shutting down");
+            exit(0);
+        }
+    });
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("bad size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+fn parse_block_size(s: &str) -> Result<BlockSize, String> {
+    let parts: Vec<_> = s.split(':').map(parse_size).collect::<Result<_, _>>()?;
+    let [min, preferred, max_payload] = parts[..] else {
+        return Err(format!("--block-size wants MIN:PREF:MAX, got {s:?}"));
+    };
+    let small = |v: u64| u32::try_from(v).map_err(|_| format!("block size {v} too large"));
+    let b = BlockSize {
+        min: small(min)?,
+        preferred: small(preferred)?,
+        max_payload: small(max_payload)?,
+    };
+    b.validate().map_err(|e| format!("--block-size {s}: {e}"))?;
+    Ok(b)
+}
+
+/// A backend with advertised block-size constraints.
+struct Constrained(Arc<dyn Backend>, BlockSize);
+
+impl Backend for Constrained {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn flags(&self) -> TransmissionFlags {
+        self.0.flags()
+    }
+    fn block_size(&self) -> Option<BlockSize> {
+        Some(self.1)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        self.0.write(offset, buf, fua)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.0.trim(offset, len, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.0.write_zeroes(offset, len, no_hole, fast, fua)
+    }
+    fn meta_contexts(&self) -> Vec<String> {
+        self.0.meta_contexts()
+    }
+    fn extents(
+        &self,
+        context: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        self.0.extents(context, offset, len, out)
+    }
+}
+
+/// A file or block device: `base:allocation` from SEEK_DATA/SEEK_HOLE, trim and zeroing
+/// punch holes, flush and FUA sync.
+struct FileBackend {
+    file: File,
+    size: u64,
+    read_only: bool,
+    block_size: Option<BlockSize>,
+}
+
+impl FileBackend {
+    fn open(
+        path: &PathBuf,
+        read_only: bool,
+        block_size: Option<BlockSize>,
+    ) -> Result<Self, String> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
+        Ok(Self {
+            file,
+            size,
+            read_only,
+            block_size,
+        })
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map_err(io::Error::from)
+    }
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn flags(&self) -> TransmissionFlags {
+        let mut f = TransmissionFlags::SEND_FLUSH
+            | TransmissionFlags::SEND_FUA
+            | TransmissionFlags::SEND_TRIM
+            | TransmissionFlags::SEND_WRITE_ZEROES
+            | TransmissionFlags::SEND_CACHE
+            | TransmissionFlags::SEND_DF
+            | TransmissionFlags::BLOCK_STATUS_PAYLOAD
+            // One file through the kernel's page cache: a flush covers every connection.
+            | TransmissionFlags::CAN_MULTI_CONN;
+        if self.read_only {
+            f |= TransmissionFlags::READ_ONLY;
+        }
+        f
+    }
+    fn block_size(&self) -> Option<BlockSize> {
+        self.block_size
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        // Advisory: a file system that cannot punch holes just keeps the data.
+        let _ = self.punch(offset, len);
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        if no_hole || self.punch(offset, len).is_err() {
+            if fast {
+                return Err(io::ErrorKind::Unsupported.into());
+            }
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(zeroes.len() as u64);
+                self.file.write_all_at(&zeroes[..n as usize], offset + at)?;
+                at += n;
+            }
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+    fn meta_contexts(&self) -> Vec<String> {
+        vec!["base:allocation".into()]
+    }
+    fn extents(
+        &self,
+        _context: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        use rustix::fs::{seek, SeekFrom as Whence};
+        let end = offset.saturating_add(len).min(self.size);
+        let mut at = offset;
+        while at < end {
+            // The next data at or after `at`; ENXIO means only a hole remains.
+            let data = match seek(&self.file, Whence::Data(at)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => self.size,
+                Err(_) => {
+                    // No SEEK_DATA support: everything is data.
+                    out.push(Extent {
+                        len: end - at,
+                        status: 0,
+                    });
+                    return Ok(());
+                }
+            };
+            if data > at {
+                let n = data.min(end) - at;
+                out.push(Extent {
+                    len: n,
+                    status: STATE_HOLE | STATE_ZERO,
+                });
+                at += n;
+                continue;
+            }
+            let hole = seek(&self.file, Whence::Hole(at)).unwrap_or(self.size);
+            let n = hole.min(end) - at;
+            out.push(Extent {
+                len: n.max(1),
+                status: 0,
+            });
+            at += n.max(1);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,3 @@
+//! Blocking drivers over `std::io` (feature `std`): thin loops over the state machines.
+
+pub mod server;
