@@ -23,6 +23,10 @@
 //! --block-size MIN:PREF:MAX advertise (and enforce) block-size constraints
 //! --dirty-bitmap NAME       serve qemu:dirty-bitmap:NAME: blocks written since start
 //! --granularity SIZE        dirty bitmap granularity (default 64K)
+//! --tls-cert PATH           PEM certificate chain: enables TLS (NBD_OPT_STARTTLS)
+//! --tls-key PATH            PEM private key for --tls-cert
+//! --tls required|optional   TLS policy when a certificate is given (default required)
+//! --tls-only                (per export) only offer this export over TLS (with --tls optional)
 //! ```
 
 use std::fs::{File, OpenOptions};
@@ -39,6 +43,7 @@ use nbd_proto::blocking::server::{serve, Backend, DirtyBitmap, Export, MemoryBac
 use nbd_proto::server::ServerConfig;
 use nbd_proto::wire::extent::{STATE_HOLE, STATE_ZERO};
 use nbd_proto::wire::{BlockSize, Extent, TransmissionFlags};
+use nbd_proto::TlsPolicy;
 
 struct ExportSpec {
     name: String,
@@ -49,6 +54,7 @@ struct ExportSpec {
     block_size: Option<BlockSize>,
     dirty_bitmap: Option<String>,
     granularity: u64,
+    tls_only: bool,
 }
 
 impl ExportSpec {
@@ -62,6 +68,7 @@ impl ExportSpec {
             block_size: None,
             dirty_bitmap: None,
             granularity: 64 << 10,
+            tls_only: false,
         }
     }
 }
@@ -80,6 +87,9 @@ fn run() -> Result<(), String> {
     let mut pid_file: Option<PathBuf> = None;
     let mut config = ServerConfig::default();
     let mut oldstyle = false;
+    let mut tls_cert: Option<PathBuf> = None;
+    let mut tls_key: Option<PathBuf> = None;
+    let mut tls_policy = TlsPolicy::Required;
     let mut specs = vec![ExportSpec::new("")];
     let mut explicit = false;
     while let Some(arg) = args.next() {
@@ -108,6 +118,18 @@ fn run() -> Result<(), String> {
             "--block-size" => spec.block_size = Some(parse_block_size(&value("MIN:PREF:MAX")?)?),
             "--dirty-bitmap" => spec.dirty_bitmap = Some(value("NAME")?),
             "--granularity" => spec.granularity = parse_size(&value("SIZE")?)?,
+            "--tls-cert" => tls_cert = Some(value("PATH")?.into()),
+            "--tls-key" => tls_key = Some(value("PATH")?.into()),
+            "--tls" => {
+                tls_policy = match value("required|optional")?.as_str() {
+                    "required" => TlsPolicy::Required,
+                    "optional" => TlsPolicy::Optional,
+                    other => {
+                        return Err(format!("--tls wants required or optional, not {other:?}"))
+                    }
+                }
+            }
+            "--tls-only" => spec.tls_only = true,
             "-h" | "--help" => {
                 println!(
                     "{}",
@@ -131,6 +153,14 @@ fn run() -> Result<(), String> {
     let mut options = Options::new(exports);
     options.config = config;
     options.oldstyle = oldstyle;
+    match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => {
+            options.tls = Some(Arc::new(tls::Acceptor::new(&cert, &key)?));
+            options.config.tls = tls_policy;
+        }
+        (None, None) => {}
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    }
     let options = Arc::new(options);
 
     let summary: Vec<String> = options
@@ -214,6 +244,7 @@ fn build_export(spec: &ExportSpec) -> Result<Export, String> {
     let mut export = Export::new(&spec.name, backend);
     export.read_only = spec.read_only;
     export.description = spec.description.clone();
+    export.tls_only = spec.tls_only;
     Ok(export)
 }
 
@@ -486,5 +517,46 @@ impl Backend for FileBackend {
             at += n.max(1);
         }
         Ok(())
+    }
+}
+
+/// TLS with rustls: the example's side of the [`nbd_proto::blocking::server::TlsAcceptor`]
+/// hand-off.
+mod tls {
+    use std::io;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use nbd_proto::blocking::server::{Stream, TlsAcceptor};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+    pub struct Acceptor(Arc<ServerConfig>);
+
+    impl Acceptor {
+        pub fn new(cert: &Path, key: &Path) -> Result<Self, String> {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect())
+                .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+                .map_err(|e| format!("TLS configuration: {e}"))?;
+            Ok(Self(Arc::new(config)))
+        }
+    }
+
+    impl TlsAcceptor for Acceptor {
+        fn accept(&self, mut stream: Box<dyn Stream>) -> io::Result<Box<dyn Stream>> {
+            let mut conn = ServerConnection::new(self.0.clone()).map_err(io::Error::other)?;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut stream)?;
+            }
+            Ok(Box::new(StreamOwned::new(conn, stream)))
+        }
     }
 }
