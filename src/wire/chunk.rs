@@ -362,6 +362,9 @@ impl<'a> ChunkPayload<'a> {
                 })
             }
         };
+        if header.chunk_type != ChunkType::OffsetData {
+            exact("payload does not match the chunk length")?;
+        }
         Ok(match header.chunk_type {
             ChunkType::None => {
                 if header.len != 0 {
@@ -376,18 +379,9 @@ impl<'a> ChunkPayload<'a> {
                 Self::OffsetData(OffsetDataHeader::parse(payload, header.len)?)
             }
             ChunkType::OffsetHole => Self::OffsetHole(OffsetHole::parse(payload)?),
-            ChunkType::BlockStatus => {
-                exact("block status payload does not match the chunk length")?;
-                Self::BlockStatus(BlockStatus::parse(payload, false)?)
-            }
-            ChunkType::BlockStatusExt => {
-                exact("block status payload does not match the chunk length")?;
-                Self::BlockStatus(BlockStatus::parse(payload, true)?)
-            }
-            t if t.is_error() => {
-                exact("error payload does not match the chunk length")?;
-                Self::Error(ErrorChunk::parse(t, payload)?)
-            }
+            ChunkType::BlockStatus => Self::BlockStatus(BlockStatus::parse(payload, false)?),
+            ChunkType::BlockStatusExt => Self::BlockStatus(BlockStatus::parse(payload, true)?),
+            t if t.is_error() => Self::Error(ErrorChunk::parse(t, payload)?),
             _ => Self::Unknown(payload),
         })
     }

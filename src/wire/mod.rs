@@ -49,8 +49,12 @@
 //! - the 124 reserved bytes of the oldstyle hello and of the `NBD_OPT_EXPORT_NAME` reply,
 //!   which the spec says are zero: they are ignored on input and written as zeroes;
 //! - data attached to `NBD_OPT_ABORT`, which the spec tells servers to ignore;
-//! - [`Errno::Unknown(0)`](Errno::Unknown) in a simple reply, which is written as 0 and so
-//!   reads back as success.
+//! - fields after the message of an error chunk whose type this crate does not know: the
+//!   spec's common prefix (error, message) is decoded, the rest ignored.
+//!
+//! One value does not round-trip the other way: an [`Errno::Unknown(0)`](Errno::Unknown)
+//! built by hand is written as 0 in a simple reply, which reads back as success (decoding
+//! never produces it).
 
 pub mod chunk;
 pub mod errno;
