@@ -236,9 +236,10 @@ impl core::error::Error for Error {}
 /// Result of a decode or encode in this module.
 pub type Result<T> = core::result::Result<T, Error>;
 
-/// Checks that `buf` holds at least `len` bytes.
+/// Checks that `buf` holds at least `len` bytes, or says how many more are needed: the
+/// building block of streaming decoders.
 #[inline]
-pub(crate) fn need(buf: &[u8], len: usize) -> Result<()> {
+pub fn need(buf: &[u8], len: usize) -> Result<()> {
     match len.checked_sub(buf.len()) {
         None | Some(0) => Ok(()),
         Some(needed) => Err(Error::Truncated { needed }),

@@ -1335,3 +1335,45 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Like [`example_path`], but first runs `cargo build --example NAME` (once
+/// per example and test process, in the target dir and profile this test
+/// binary was built in), so the binary exists and is up to date even when
+/// only one `--test` target was built. Cargo does not hold its build lock
+/// while tests run, so this does not deadlock. If cargo cannot be run (the
+/// test binary was started directly), the existing binary is used.
+pub fn example_binary(name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.insert(name.to_string()) {
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test binary>
+        let profile_dir = exe.parent().and_then(Path::parent);
+        let target_dir = profile_dir.and_then(Path::parent);
+        if let (Some(profile_dir), Some(target_dir)) = (profile_dir, target_dir) {
+            let profile = match profile_dir.file_name().and_then(OsStr::to_str) {
+                Some("debug") | None => "dev",
+                Some(p) => p,
+            };
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let out = Command::new(cargo)
+                .args(["build", "--quiet", "--example", name, "--profile", profile])
+                .arg("--target-dir")
+                .arg(target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .stdin(Stdio::null())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "cargo build --example {name} failed ({}); using the existing binary\n{}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("cannot run cargo ({e}); using the existing binary"),
+            }
+        }
+    }
+    drop(built);
+    example_path(name)
+}
