@@ -230,7 +230,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
             });
         }
         let min = u64::from(self.export.min_block);
-        if min > 1 && (req.offset % min != 0 || len % min != 0) {
+        if min > 1 && (!req.offset.is_multiple_of(min) || !len.is_multiple_of(min)) {
             return Err(Errno::Inval);
         }
         let max = u64::from(self.export.max_payload);
