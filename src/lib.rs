@@ -9,6 +9,7 @@
 #[cfg(not(test))]
 extern crate no_std_compat as std;
 
+pub mod client;
 mod common;
 pub mod error;
 pub mod wire;
