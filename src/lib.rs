@@ -9,9 +9,13 @@
 #[cfg(not(test))]
 extern crate no_std_compat as std;
 
+#[cfg(feature = "std")]
+pub mod blocking;
 pub mod client;
 mod common;
 pub mod error;
+#[cfg(feature = "alloc")]
+pub mod uri;
 pub mod wire;
 
 pub use common::{Handled, TlsPolicy, Transmit, Want};
