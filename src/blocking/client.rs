@@ -775,12 +775,11 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     at = at.saturating_add(e.len);
                 }
             }
+            // The first error's message goes with the first error (its Done reports it).
             Some(Event::ChunkError {
                 cookie, message, ..
-            }) => {
-                if !self.messages.iter().any(|(c, _)| *c == cookie) {
-                    self.messages.push((cookie, message.to_owned()));
-                }
+            }) if !self.messages.iter().any(|(c, _)| *c == cookie) => {
+                self.messages.push((cookie, message.to_owned()));
             }
             Some(Event::Done { cookie, result }) => {
                 let message = self
