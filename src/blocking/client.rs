@@ -252,9 +252,10 @@ fn misuse(e: Error) -> io::Error {
     io::Error::from(e)
 }
 
-impl<const N: usize> BlockingClient<Stream, N> {
+impl BlockingClient {
     /// Connects to an NBD URI (TCP with `TCP_NODELAY`, or a Unix socket) and negotiates
-    /// with the default configuration.
+    /// with the default configuration. (For another in-flight bound `N`, open a
+    /// [`Stream`] and use [`BlockingClient::new`].)
     pub fn connect(uri: &str) -> io::Result<Self> {
         Self::connect_with(uri, ClientConfig::default())
     }
@@ -268,7 +269,13 @@ impl<const N: usize> BlockingClient<Stream, N> {
                 "TLS (nbds://) is not supported by this client yet",
             ));
         }
-        let stream = Stream::open(&uri)?;
+        let stream = Stream::open(&uri).map_err(|e| {
+            let target = match &uri.transport {
+                Transport::Tcp { host, port } => std::format!("{host}:{port}"),
+                Transport::Unix { socket } => socket.clone(),
+            };
+            io::Error::new(e.kind(), std::format!("cannot connect to {target}: {e}"))
+        })?;
         let mut config = config;
         config.export = &uri.export;
         Self::new(stream, &config)
@@ -452,6 +459,23 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
         Ok(c)
     }
 
+    /// Queues the payload form of block status for the contexts `ids` only (extended
+    /// headers and `NBD_FLAG_BLOCK_STATUS_PAYLOAD` needed) and sends it.
+    pub fn submit_block_status_for(
+        &mut self,
+        offset: u64,
+        len: u64,
+        flags: CmdFlags,
+        ids: &[u32],
+    ) -> io::Result<Cookie> {
+        let c = self
+            .client
+            .block_status_for(offset, len, flags, ids)
+            .map_err(misuse)?;
+        self.flush_out(None)?;
+        Ok(c)
+    }
+
     /// Number of commands in flight.
     pub fn in_flight(&self) -> usize {
         self.client.in_flight_len()
@@ -579,6 +603,21 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
     ) -> io::Result<()> {
         self.idle()?;
         let s = self.submit_block_status(offset, len, flags);
+        self.one(s, &mut ExtentSink(f))
+    }
+
+    /// Like [`block_status`](Self::block_status), for the contexts `ids` only (the payload
+    /// form of the command).
+    pub fn block_status_for(
+        &mut self,
+        offset: u64,
+        len: u64,
+        flags: CmdFlags,
+        ids: &[u32],
+        f: impl FnMut(u32, u64, Extent),
+    ) -> io::Result<()> {
+        self.idle()?;
+        let s = self.submit_block_status_for(offset, len, flags, ids);
         self.one(s, &mut ExtentSink(f))
     }
 
