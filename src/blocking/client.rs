@@ -237,6 +237,8 @@ pub struct BlockingClient<S = Stream, const N: usize = 64> {
     messages: Vec<(Cookie, String)>,
     /// An option reached its end (manual mode).
     option_done: Option<Result<(), String>>,
+    /// Commands abandoned when the connection ended or broke.
+    abandoned: Vec<Cookie>,
 }
 
 impl<S: fmt::Debug, const N: usize> fmt::Debug for BlockingClient<S, N> {
@@ -300,6 +302,7 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
             refusal: None,
             messages: Vec::new(),
             option_done: None,
+            abandoned: Vec::new(),
         };
         loop {
             this.flush_out(None)?;
@@ -692,7 +695,10 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     }
                     return Err(e);
                 }
-                self.client.handle_payload(len).map_err(|e| self.error(e))?;
+                if let Err(e) = self.client.handle_payload(len) {
+                    self.reap();
+                    return Err(self.error(e));
+                }
                 Ok(None)
             }
             Want::Bytes(n) => {
@@ -714,7 +720,9 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     };
                     self.rbuf.truncate(have + got);
                     if got == 0 {
-                        return match self.client.handle_eof() {
+                        let r = self.client.handle_eof();
+                        self.reap();
+                        return match r {
                             Ok(()) => Ok(None),
                             Err(e) => Err(self.error(e)),
                         };
@@ -723,13 +731,31 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                 let rbuf = std::mem::take(&mut self.rbuf);
                 let result = self.handle(&rbuf, sink);
                 self.rbuf = rbuf;
-                let (consumed, done) = result?;
+                let (consumed, done) = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.reap();
+                        return Err(e);
+                    }
+                };
+                if consumed == 0
+                    && n > 0
+                    && self.rbuf.len() >= n
+                    && self.client.wants() == Want::Bytes(n)
+                {
+                    // The machine promised progress with `n` bytes and made none: a bug in
+                    // the machine, reported rather than looped on.
+                    return Err(io::Error::other("the client machine made no progress"));
+                }
                 self.rbuf.drain(..consumed);
                 self.flush_out(None)?;
                 Ok(done)
             }
             Want::Nothing => match self.client.state() {
-                State::Dead => Err(self.error(self.client.error().unwrap_or(Error::Closed))),
+                State::Dead => {
+                    self.reap();
+                    Err(self.error(self.client.error().unwrap_or(Error::Closed)))
+                }
                 State::StartTls => Err(io::Error::new(
                     io::ErrorKind::Unsupported,
                     "the server accepted STARTTLS, but this client has no TLS",
@@ -837,9 +863,26 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
         Ok((h.consumed, done))
     }
 
+    /// After a fatal error or end of file: forgets the commands whose replies will never
+    /// come (the machine's [`Event::Abandoned`]s), remembering their cookies.
+    fn reap(&mut self) {
+        while let Some(e) = self.client.poll_event() {
+            if let Event::Abandoned { cookie } = e {
+                self.abandoned.push(cookie);
+            }
+        }
+    }
+
+    /// Commands abandoned because the connection ended or broke.
+    pub fn abandoned(&self) -> &[Cookie] {
+        &self.abandoned
+    }
+
     /// End of file where the machine did not expect it.
     fn eof(&mut self) -> io::Error {
-        match self.client.handle_eof() {
+        let r = self.client.handle_eof();
+        self.reap();
+        match r {
             Ok(()) => io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed"),
             Err(e) => self.error(e),
         }

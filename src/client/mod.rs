@@ -102,6 +102,18 @@ pub const MAX_FRAME_LEN: usize = OptReplyHeader::LEN + 4 + 2 * MAX_STRING_LEN;
 /// 256 64-bit descriptors); a chunk with more comes as several events.
 pub const EXTENT_BATCH_LEN: usize = 4096;
 
+/// The longest option request this client sends: an `NBD_OPT_SET_META_CONTEXT` with the
+/// fullest string store (a buffer this big always satisfies
+/// [`Client::poll_transmit`] during negotiation).
+pub const MAX_OPTION_LEN: usize =
+    wire::OptHeader::LEN + 4 + 4 + 4 * MAX_QUERIES + STRING_STORE_LEN + 4;
+
+// Lengths from the wire (up to 32 bits for data) are held in `usize`.
+const _: () = assert!(
+    usize::BITS >= 32,
+    "the client needs a usize of at least 32 bits"
+);
+
 /// What the client is configured to do. Copied into the [`Client`] by [`Client::new`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -218,7 +230,8 @@ pub enum Event<'i> {
     },
     /// The final reply to an option: `Ok` for `NBD_REP_ACK`, or the refusal. Success of
     /// `NBD_OPT_STARTTLS` and `NBD_OPT_GO` comes as [`Event::StartTls`] and
-    /// [`Event::Ready`] instead.
+    /// [`Event::Ready`] instead. In manual mode, a refusal with `NBD_REP_ERR_SHUTDOWN`
+    /// obliges the client to leave ([`Client::opt_abort`]); automatic mode does so itself.
     OptionDone {
         /// The option answered.
         opt: OptCode,
@@ -279,7 +292,9 @@ pub enum Event<'i> {
         /// For `NBD_REPLY_TYPE_ERROR_OFFSET`: where the error happened.
         offset: Option<u64>,
     },
-    /// The command completed: `Ok`, or the first error the server reported.
+    /// The command completed: `Ok`, or the first error the server reported. On
+    /// [`Errno::Shutdown`] the spec requires the client to soft-disconnect: call
+    /// [`Client::disconnect`] once the other replies are in.
     Done {
         /// The command.
         cookie: Cookie,
@@ -736,9 +751,3 @@ impl<const N: usize> Client<N> {
         e
     }
 }
-
-/// The longest option request this client sends: an `NBD_OPT_SET_META_CONTEXT` with the
-/// fullest string store (a buffer this big always satisfies
-/// [`Client::poll_transmit`] during negotiation).
-pub const MAX_OPTION_LEN: usize =
-    wire::OptHeader::LEN + 4 + 4 + 4 * MAX_QUERIES + STRING_STORE_LEN + 4;

@@ -421,7 +421,7 @@ impl<const N: usize> Client<N> {
             opt,
             reply: header.reply,
         })?;
-        if header.len as usize > cap {
+        if usize::try_from(header.len).map_or(true, |len| len > cap) {
             return Err(Misbehavior::OptionReplyTooLong {
                 opt,
                 len: header.len,
