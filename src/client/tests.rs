@@ -784,6 +784,43 @@ fn too_many_contexts_are_refused() {
     );
 }
 
+#[test]
+fn a_full_context_table_works() {
+    let q = ["x:"];
+    let mut t = T::<8>::new(ClientConfig {
+        meta_contexts: &q,
+        ..ClientConfig::default()
+    });
+    t.feed(&greeting(FIXED_NZ)).unwrap();
+    t.feed(&ack(OptCode::ExtendedHeaders)).unwrap();
+    for id in 0..MAX_CONTEXTS as u32 {
+        t.feed(&meta(OptCode::SetMetaContext, id + 100, "x:a"))
+            .unwrap();
+    }
+    t.feed(&ack(OptCode::SetMetaContext)).unwrap();
+    t.feed(&info_export(OptCode::Go, SIZE, RW)).unwrap();
+    t.feed(&ack(OptCode::Go)).unwrap();
+    let c = t.c.block_status(0, 512, CmdFlags::empty()).unwrap();
+    t.out();
+    for id in 0..MAX_CONTEXTS as u32 {
+        assert_eq!(
+            t.c.in_flight_len(),
+            1,
+            "done only when every context answered"
+        );
+        t.feed(&bs(
+            Some(0),
+            id + 1 == MAX_CONTEXTS as u32,
+            c.0,
+            id + 100,
+            true,
+            &[(512, 0)],
+        ))
+        .unwrap();
+    }
+    assert_eq!(t.take_events().last(), Some(&done(c.0, Ok(()))));
+}
+
 fn tls(policy: TlsPolicy) -> T<8> {
     let mut t = T::<8>::new(ClientConfig {
         tls: policy,

@@ -109,7 +109,10 @@ impl<const N: usize> Client<N> {
         len: u64,
         flags: CmdFlags,
     ) -> Result<Cookie, Error> {
-        let all = (1u16 << self.contexts.len().min(MAX_CONTEXTS)).wrapping_sub(1);
+        // One bit per negotiated context (all 16 bits when the table is full).
+        let all = 1u16
+            .checked_shl(self.contexts.len() as u32)
+            .map_or(u16::MAX, |bit| bit - 1);
         self.command(Command::BlockStatus, offset, len, flags, all, false)
     }
 
