@@ -102,11 +102,15 @@ pub const MAX_FRAME_LEN: usize = OptReplyHeader::LEN + 4 + 2 * MAX_STRING_LEN;
 /// 256 64-bit descriptors); a chunk with more comes as several events.
 pub const EXTENT_BATCH_LEN: usize = 4096;
 
-/// The longest option request this client sends: an `NBD_OPT_SET_META_CONTEXT` with the
-/// fullest string store (a buffer this big always satisfies
-/// [`Client::poll_transmit`] during negotiation).
-pub const MAX_OPTION_LEN: usize =
-    wire::OptHeader::LEN + 4 + 4 + 4 * MAX_QUERIES + STRING_STORE_LEN + 4;
+/// The longest option request this client sends: an `NBD_OPT_SET_META_CONTEXT` with a
+/// full string store and [`MAX_QUERIES`] queries. A buffer this big always satisfies
+/// [`Client::poll_transmit`] during negotiation.
+pub const MAX_OPTION_LEN: usize = wire::OptHeader::LEN + 4 + 4 + 4 * MAX_QUERIES + STRING_STORE_LEN;
+
+/// The longest request this client sends in transmission: an extended
+/// `NBD_CMD_BLOCK_STATUS` with its payload naming [`MAX_CONTEXTS`] contexts. A buffer
+/// this big always satisfies [`Client::poll_transmit`] in transmission.
+pub const MAX_REQUEST_LEN: usize = wire::Request::EXTENDED_LEN + 8 + 4 * MAX_CONTEXTS;
 
 // Lengths from the wire (up to 32 bits for data) are held in `usize`.
 const _: () = assert!(
@@ -688,8 +692,8 @@ impl<const N: usize> Client<N> {
     /// Writes the next output into `out`: [`Transmit::Bytes`] (as many whole messages as
     /// fit; never part of one), or [`Transmit::Payload`]: send that many bytes of your
     /// write buffer now. `Ok(None)`: nothing to send. A buffer too small for the next
-    /// message gives [`Error::BufferTooSmall`] and changes nothing; 64 bytes always
-    /// suffice in transmission, [`MAX_OPTION_LEN`] in negotiation.
+    /// message gives [`Error::BufferTooSmall`] and changes nothing; [`MAX_REQUEST_LEN`]
+    /// bytes always suffice in transmission, [`MAX_OPTION_LEN`] in negotiation.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Result<Option<Transmit>, Error> {
         match self.phase {
             Phase::Greeting | Phase::StartTls => Ok(None),

@@ -1322,7 +1322,7 @@ fn the_biggest_option_fits_max_option_len() {
     let Ok(Some(Transmit::Bytes(n))) = c.poll_transmit(&mut b) else {
         panic!()
     };
-    assert!(n > 8192 && n <= MAX_OPTION_LEN);
+    assert_eq!(n, MAX_OPTION_LEN);
     assert_eq!(opts(&b[..n]), [OptCode::ListMetaContext]);
 }
 
@@ -1607,6 +1607,15 @@ fn block_status_payload_form() {
     t.feed(&bs(Some(0), true, c.0, 2, true, &[(8192, 0)]))
         .unwrap();
     assert_eq!(t.take_events().last(), Some(&done(c.0, Ok(()))));
+    // The longest request there is.
+    let mut t = ready::<8>(EH);
+    t.c.block_status_for(0, 512, CmdFlags::empty(), &[0, 2])
+        .unwrap();
+    let mut b = [0u8; MAX_REQUEST_LEN];
+    assert_eq!(
+        t.c.poll_transmit(&mut b),
+        Ok(Some(Transmit::Bytes(32 + 8 + 8)))
+    );
     // Not without the export flag.
     let mut t = ready::<8>(Setup { tflags: RW, ..EH });
     assert_eq!(

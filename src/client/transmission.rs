@@ -185,8 +185,7 @@ impl<const N: usize> Client<N> {
             Command::BlockStatus => allowed |= CmdFlags::REQ_ONE,
             _ => {}
         }
-        let checked = flags;
-        let bad = checked.difference(allowed);
+        let bad = flags.difference(allowed);
         if !bad.is_empty() {
             return Err(Misuse::FlagNotAllowed(bad.bits()).into());
         }
@@ -202,7 +201,7 @@ impl<const N: usize> Client<N> {
             ),
         ];
         for (flag, ok) in gates {
-            if checked.contains(flag) && !ok {
+            if flags.contains(flag) && !ok {
                 return Err(Misuse::FlagNotAllowed(flag.bits()).into());
             }
         }
@@ -262,7 +261,7 @@ impl<const N: usize> Client<N> {
         if self.table.is_full() {
             return Err(Misuse::TooManyInFlight.into());
         }
-        let mut sent_flags = checked;
+        let mut sent_flags = flags;
         if payload_form || (command == Command::Write && self.eh) {
             // proto.md (extended headers): WRITE MUST set PAYLOAD_LEN.
             sent_flags |= CmdFlags::PAYLOAD_LEN;
