@@ -452,6 +452,27 @@ fn non_fixed_newstyle_uses_export_name_with_padding() {
 }
 
 #[test]
+fn client_flags_are_a_subset_of_the_offer() {
+    for (offered, expected) in [(0x0001, 1), (0x0002, 2), (0x0003, 3), (0xfffc, 0)] {
+        let mut t = T::<8>::new(ClientConfig::default());
+        t.feed(&greeting(offered)).unwrap();
+        assert_eq!(&t.out()[..4], &[0, 0, 0, expected], "offered {offered:#x}");
+    }
+}
+
+#[test]
+fn optional_tls_with_a_non_fixed_server_stays_plaintext() {
+    let mut t = T::<8>::new(ClientConfig {
+        tls: TlsPolicy::Optional,
+        ..ClientConfig::default()
+    });
+    t.feed(&greeting(0x0002)).unwrap();
+    let out = t.out();
+    assert_eq!(&out[..4], &[0, 0, 0, 2]);
+    assert_eq!(opts(&out[4..]), [OptCode::ExportName]);
+}
+
+#[test]
 fn fixed_newstyle_runs_the_whole_automatic_sequence() {
     let q = ["base:allocation"];
     let mut t = T::<8>::new(ClientConfig {
