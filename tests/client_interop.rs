@@ -590,3 +590,27 @@ fn tcp_transport_and_write_via_stdin() {
     let got = example_ok(&["read", &uri, "4096", "11"]);
     assert_eq!(got, "through tcp");
 }
+
+#[test]
+fn tls_policies_against_nbdkit_requiring_tls() {
+    if !support::require(&["nbdkit"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let psk = dir.join("keys.psk");
+    fs::write(&psk, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
+    let psk_arg = format!("--tls-psk={}", psk.display());
+    let peer = Peer::nbdkit(&["--tls=require", &psk_arg, "memory", "1M"]);
+    let uri = peer.default_uri();
+    // TLS off: the server's NBD_REP_ERR_TLS_REQD ends the session politely.
+    let e = BlockingClient::connect(&uri).unwrap_err();
+    assert!(e.to_string().contains("requires TLS"), "{e}");
+    assert!(e.to_string().contains("NBD_REP_ERR_TLS_REQD"), "{e}");
+    // TLS required: the server acknowledges STARTTLS and the machine hands over; this
+    // driver has no TLS, so it stops there with a clear error.
+    let mut cfg = ClientConfig::default();
+    cfg.tls = nbd_proto::TlsPolicy::Required;
+    let e = BlockingClient::connect_with(&uri, cfg).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("STARTTLS"), "{e}");
+}
