@@ -16,8 +16,10 @@
 //!   [`complete`](BlockingClient::complete) waits for the next completion, moving read data
 //!   into the buffers a [`Sink`] hands out.
 //!
-//! NBD errors become [`io::Error`]s whose kind follows the errno; [`errno_of`] recovers the
-//! [`Errno`] and the server's message is in the text.
+//! NBD errors become [`io::Error`]s whose kind follows the errno and whose text carries the
+//! server's message; [`errno_of`] recovers the [`Errno`] (and [`Errno::to_host`] the host
+//! errno number). `raw_os_error()` is `None` on them: an `io::Error` cannot hold both an OS
+//! error number and a message, and the message is worth more.
 
 use std::borrow::ToOwned;
 use std::fmt;
