@@ -816,30 +816,25 @@ impl<const N: usize> Client<N> {
     }
 
     /// The final chunk of `cookie` arrived: checks the reply as a whole and removes the
-    /// command.
+    /// command. A reply that fails the check leaves the command in the table, so that it is
+    /// abandoned (not lost) when the connection dies.
     fn complete(&mut self, cookie: Cookie) -> Result<Event<'static>, Error> {
         let entry = self
             .table
-            .remove(cookie)
+            .sent_mut(cookie)
             .ok_or(Misbehavior::UnknownCookie(cookie))?;
-        if let Some(error) = entry.error {
-            return Ok(Event::Done {
-                cookie,
-                result: Err(error),
-            });
-        }
-        match entry.track {
-            Track::Read(t) if !t.complete(entry.len) => {
-                Err(Misbehavior::IncompleteRead(cookie).into())
+        let result = match (entry.error, entry.track) {
+            (Some(error), _) => Err(error),
+            (None, Track::Read(t)) if !t.complete(entry.len) => {
+                return Err(Misbehavior::IncompleteRead(cookie).into())
             }
-            Track::BlockStatus { expected, seen } if seen != expected => {
-                Err(Misbehavior::MissingContextChunk(cookie).into())
+            (None, Track::BlockStatus { expected, seen }) if seen != expected => {
+                return Err(Misbehavior::MissingContextChunk(cookie).into())
             }
-            _ => Ok(Event::Done {
-                cookie,
-                result: Ok(()),
-            }),
-        }
+            (None, _) => Ok(()),
+        };
+        self.table.remove(cookie);
+        Ok(Event::Done { cookie, result })
     }
 
     /// `handle_payload` in transmission.
