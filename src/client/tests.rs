@@ -2508,3 +2508,91 @@ proptest! {
         run_ops(setup, &ops);
     }
 }
+
+/// The option the client last put on the wire, if any.
+fn last_opt(bytes: &[u8]) -> Option<OptCode> {
+    let mut last = None;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (opt, n) = Opt::parse_message(rest).ok()?;
+        last = Some(opt.code());
+        rest = &rest[n..];
+    }
+    last
+}
+
+proptest! {
+    #[test]
+    fn random_negotiations_never_panic(
+        replies in proptest::collection::vec((0u8..30, 0u8..20, 1u32..12, any::<u8>()), 0..20),
+        policy in 0u8..3,
+        manual in any::<bool>(),
+        flags in 0u16..4,
+    ) {
+        let tls = [TlsPolicy::Off, TlsPolicy::Optional, TlsPolicy::Required][usize::from(policy)];
+        let q = ["base:allocation"];
+        let mut t = T::<4>::new(ClientConfig { tls, manual, meta_contexts: &q, ..ClientConfig::default() });
+        if t.feed(&greeting(flags)).is_err() {
+            prop_assert_eq!(t.c.state(), State::Dead);
+            return Ok(());
+        }
+        let mut pending = last_opt(t.out().get(4..).unwrap_or(&[]));
+        for (right_opt, kind, err, byte) in replies {
+            if manual && pending.is_none() {
+                let _ = match byte % 6 {
+                    0 => t.c.opt_list(),
+                    1 => t.c.opt_go(""),
+                    2 => t.c.opt_structured_reply(),
+                    3 => t.c.opt_set_meta_context("", &["base:allocation"]),
+                    4 => t.c.opt_starttls(),
+                    _ => t.c.opt_info("x"),
+                };
+                pending = last_opt(&t.out());
+            }
+            let opt = match pending {
+                Some(o) if right_opt > 0 => o,
+                // Nothing pending: only now and then does the server speak out of turn.
+                None if right_opt > 1 => continue,
+                _ => OptCode::from(u32::from(byte % 12)),
+            };
+            // Mostly well-formed answers to the pending option, so that runs go deep.
+            let describes = matches!(opt, OptCode::Go | OptCode::Info);
+            let lists = matches!(opt, OptCode::SetMetaContext | OptCode::ListMetaContext);
+            let bytes = match kind {
+                0..=5 if describes => info_export(opt, u64::from(byte), 1),
+                0..=3 if lists => meta(opt, u32::from(byte), "base:allocation"),
+                0..=9 => ack(opt),
+                10..=13 => refuse(opt, OptError::from(0x8000_0000 | err), "no"),
+                14 => info_export(opt, u64::from(byte), 1),
+                15 => meta(opt, u32::from(byte), "base:allocation"),
+                16 => rep(opt, OptReply::Server { name: "e", description: "" }),
+                17 => rep(opt, OptReply::Info(Info::BlockSize(BlockSize { min: 1 << (byte % 18), preferred: 4096, max_payload: 1 << 20 }))),
+                18 => vec![0; 10],
+                _ => ack(OptCode::StartTls),
+            };
+            let r = t.feed(&bytes);
+            if let Err(e) = r {
+                if e.is_fatal() {
+                    prop_assert_eq!(t.c.state(), State::Dead);
+                    prop_assert!(t.c.handle_input(&[]).is_err());
+                    return Ok(());
+                }
+            }
+            match t.c.state() {
+                State::StartTls => t.c.tls_established().unwrap(),
+                State::Ready => {
+                    prop_assert!(t.c.size().is_some());
+                    return Ok(());
+                }
+                State::Closed => return Ok(()),
+                _ => {}
+            }
+            if let Some(o) = last_opt(&t.out()) {
+                pending = Some(o);
+            }
+            if t.c.wants() == Want::Nothing {
+                pending = None;
+            }
+        }
+    }
+}
