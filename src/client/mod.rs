@@ -185,7 +185,9 @@ pub enum State {
     Ready,
     /// The session ended cleanly.
     Closed,
-    /// A fatal error happened; every call returns it again.
+    /// A fatal error happened; every input and command call returns it again.
+    /// [`Client::poll_transmit`] still yields a polite goodbye if one was queued, and
+    /// [`Client::poll_event`] the commands abandoned.
     Dead,
 }
 
