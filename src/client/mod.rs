@@ -40,6 +40,69 @@
 //!
 //! Payload bytes never pass through the machine: it only counts them.
 //!
+//! # Example
+//!
+//! Reading the first 4 KiB of an export over TCP (see [`crate::blocking`] for a complete
+//! driver):
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use nbd_proto::client::{Client, ClientConfig, Event};
+//! use nbd_proto::wire::CmdFlags;
+//! use nbd_proto::{Transmit, Want};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut sock = std::net::TcpStream::connect("127.0.0.1:10809")?;
+//! let mut client: Client = Client::new(&ClientConfig::new("disk"))?;
+//! let mut out = vec![0u8; nbd_proto::client::MAX_OPTION_LEN];
+//! let (mut input, mut data) = (Vec::new(), vec![0u8; 4096]);
+//! let mut pending = None;
+//! loop {
+//!     // 1. Send what the machine queued.
+//!     while let Some(t) = client.poll_transmit(&mut out)? {
+//!         if let Transmit::Bytes(n) = t {
+//!             sock.write_all(&out[..n])?;
+//!         }
+//!     }
+//!     // 2. Do what it wants: read data goes straight into `data`.
+//!     match client.wants() {
+//!         Want::Payload { offset, len, .. } => {
+//!             let at = offset as usize;
+//!             let n = sock.read(&mut data[at..at + len])?;
+//!             if n == 0 {
+//!                 client.handle_eof()?;
+//!             }
+//!             client.handle_payload(n)?;
+//!             continue;
+//!         }
+//!         Want::Bytes(n) if input.len() < n => {
+//!             let have = input.len();
+//!             input.resize(n, 0);
+//!             let got = sock.read(&mut input[have..])?;
+//!             input.truncate(have + got);
+//!             if got == 0 {
+//!                 client.handle_eof()?;
+//!                 break;
+//!             }
+//!         }
+//!         _ => {}
+//!     }
+//!     // 3. Hand over the bytes: at most one frame and one event per call.
+//!     let handled = client.handle_input(&input)?;
+//!     match handled.event {
+//!         Some(Event::Ready { .. }) => pending = Some(client.read(0, 4096, CmdFlags::empty())?),
+//!         Some(Event::Done { cookie, result }) if Some(cookie) == pending => {
+//!             result.map_err(std::io::Error::from)?;
+//!             break;
+//!         }
+//!         _ => {}
+//!     }
+//!     input.drain(..handled.consumed);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Negotiation
 //!
 //! In automatic mode (the default) the client runs, in order: `NBD_OPT_STARTTLS` (unless
@@ -48,9 +111,19 @@
 //! configured and structured replies are on), then `NBD_OPT_GO` (falling back to
 //! `NBD_OPT_EXPORT_NAME` for servers that do not know it, and retrying with
 //! `NBD_INFO_BLOCK_SIZE` on `NBD_REP_ERR_BLOCK_SIZE_REQD`). Every reply still surfaces as
-//! an event. In manual mode ([`ClientConfig::manual`]) the application sends each option
+//! an event. When the session cannot go on (the export is refused, TLS is required by one
+//! side and refused by the other, the server shuts down), the refusal still comes as an
+//! [`Event::OptionDone`] carrying the server's message, an `NBD_OPT_ABORT` is queued, and
+//! the next call returns the error ([`State::Dead`]).
+//!
+//! In manual mode ([`ClientConfig::manual`]) the application sends each option
 //! itself (`opt_*`), one at a time, and sees each reply as events ending with
-//! [`Event::OptionDone`] (or [`Event::StartTls`], [`Event::Ready`]).
+//! [`Event::OptionDone`] (or [`Event::StartTls`], [`Event::Ready`]). The TLS policy is
+//! then the application's business too.
+//!
+//! TLS: on [`Event::StartTls`] wrap the transport in a TLS client session, then call
+//! [`Client::tls_established`]. Bytes that arrive before that are refused
+//! ([`Misbehavior::DataAfterStartTls`](crate::Misbehavior::DataAfterStartTls)).
 //!
 //! # Limits
 //!
