@@ -241,6 +241,11 @@ pub enum Misbehavior {
     WideExtentsWithoutExtendedHeaders(Cookie),
     /// An error reply whose error value is 0.
     ZeroError(Cookie),
+    /// `NBD_OPT_SET_META_CONTEXT` selected more contexts than the client can track.
+    TooManyContexts {
+        /// The client's bound.
+        limit: usize,
+    },
 
     // ---- Seen by a server (the client misbehaved) ----
     /// The client set flags the server does not know or did not offer.
@@ -353,6 +358,9 @@ impl fmt::Display for Misbehavior {
                 write!(f, "64-bit extents without extended headers for {c}")
             }
             ZeroError(c) => write!(f, "error reply with error value 0 for {c}"),
+            TooManyContexts { limit } => {
+                write!(f, "more than {limit} metadata contexts selected")
+            }
             BadClientFlags(v) => write!(f, "client flags {v:#x} unknown or not offered"),
             OptionTooLong { opt, len } => write!(f, "{opt} of {len} bytes"),
             WrongRequestForm => {

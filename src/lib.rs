@@ -99,9 +99,12 @@ extern crate no_std_compat as std;
 
 #[cfg(feature = "std")]
 pub mod blocking;
+pub mod client;
 mod common;
 pub mod error;
 pub mod server;
+#[cfg(feature = "alloc")]
+pub mod uri;
 pub mod wire;
 
 pub use common::{Handled, TlsPolicy, Transmit, Want};

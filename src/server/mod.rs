@@ -13,7 +13,7 @@
 //!
 //! 1. Create the machine with [`Server::new`]. The greeting is queued.
 //! 2. Drain [`Server::poll_transmit`] until it returns `None`, sending each
-//!    [`Transmit`](crate::Transmit) in order: `Bytes(n)` are the first `n` bytes of your
+//!    [`Transmit`] in order: `Bytes(n)` are the first `n` bytes of your
 //!    output buffer; `Payload` means "send these bytes of *your* read buffer now";
 //!    `Zeroes` means "send this many zero bytes".
 //! 3. Act on [`Server::wants`]: `Bytes(n)` means read until you hold at least `n` bytes and

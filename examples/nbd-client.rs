@@ -1,0 +1,1008 @@
+//! A small nbdinfo/nbdcopy-class tool over the blocking client.
+//!
+//! ```text
+//! nbd-client info URI [--json]
+//! nbd-client list URI [--json]
+//! nbd-client map  URI [--context NAME] [--json]
+//! nbd-client read URI OFFSET LENGTH          > out
+//! nbd-client write URI OFFSET                < in
+//! nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N] [--progress]
+//! ```
+//!
+//! SRC and DST are NBD URIs, file names, or `-` (stdin/stdout). Copies skip the zero
+//! regions an NBD source reports through `base:allocation` (and all-zero blocks of other
+//! sources when the destination can write zeroes). A regular destination file is truncated
+//! and sized to the source first. TLS (`nbds://`) is not supported yet.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nbd_proto::blocking::{BlockingClient, CommandError, NoSink, Sink};
+use nbd_proto::client::ClientConfig;
+use nbd_proto::wire::{extent, CmdFlags, Cookie, Extent, TransmissionFlags};
+
+type Nbd = BlockingClient;
+
+const USAGE: &str = "usage:
+  nbd-client info URI [--json]
+  nbd-client list URI [--json]
+  nbd-client map URI [--context NAME] [--json]
+  nbd-client read URI OFFSET LENGTH
+  nbd-client write URI OFFSET
+  nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N] [--progress]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line; a closed stdout (e.g. `| head`) is not worth a message.
+            if e.kind() != io::ErrorKind::BrokenPipe {
+                eprintln!("nbd-client: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("{why}\n{USAGE}"))
+}
+
+/// Splits `args` into positional arguments and `--flag [value]` options.
+struct Args {
+    positional: Vec<String>,
+    options: Vec<(String, Option<String>)>,
+}
+
+impl Args {
+    fn parse(args: &[String], with_value: &[&str], flags: &[&str]) -> io::Result<Self> {
+        let mut out = Self {
+            positional: Vec::new(),
+            options: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                let (name, inline) = match name.split_once('=') {
+                    Some((n, v)) => (n, Some(v.to_owned())),
+                    None => (name, None),
+                };
+                if with_value.contains(&name) {
+                    let v = match inline {
+                        Some(v) => v,
+                        None => it
+                            .next()
+                            .cloned()
+                            .ok_or_else(|| usage(&format!("--{name} needs a value")))?,
+                    };
+                    out.options.push((name.to_owned(), Some(v)));
+                } else if flags.contains(&name) && inline.is_none() {
+                    out.options.push((name.to_owned(), None));
+                } else {
+                    return Err(usage(&format!("unknown option --{name}")));
+                }
+            } else {
+                out.positional.push(a.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.options.iter().any(|(n, _)| n == name)
+    }
+
+    fn value(&self, name: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn number(&self, name: &str, default: u64) -> io::Result<u64> {
+        self.value(name).map_or(Ok(default), |v| {
+            parse_size(v).ok_or_else(|| usage(&format!("bad --{name}")))
+        })
+    }
+
+    fn exactly(&self, n: usize) -> io::Result<&[String]> {
+        if self.positional.len() == n {
+            Ok(&self.positional)
+        } else {
+            Err(usage("wrong number of arguments"))
+        }
+    }
+}
+
+/// A number with an optional K/M/G suffix (powers of 1024).
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn run(args: &[String]) -> io::Result<()> {
+    let Some((cmd, rest)) = args.split_first() else {
+        return Err(usage("no command"));
+    };
+    match cmd.as_str() {
+        "info" => {
+            let a = Args::parse(rest, &[], &["json"])?;
+            info(&a.exactly(1)?[0], a.flag("json"))
+        }
+        "list" => {
+            let a = Args::parse(rest, &[], &["json"])?;
+            list(&a.exactly(1)?[0], a.flag("json"))
+        }
+        "map" => {
+            let a = Args::parse(rest, &["context"], &["json"])?;
+            let context = a.value("context").unwrap_or("base:allocation");
+            map(&a.exactly(1)?[0], context, a.flag("json"))
+        }
+        "read" => {
+            let a = Args::parse(rest, &[], &[])?;
+            let p = a.exactly(3)?;
+            let offset = parse_size(&p[1]).ok_or_else(|| usage("bad OFFSET"))?;
+            let len = parse_size(&p[2]).ok_or_else(|| usage("bad LENGTH"))?;
+            read(&p[0], offset, len)
+        }
+        "write" => {
+            let a = Args::parse(rest, &[], &[])?;
+            let p = a.exactly(2)?;
+            let offset = parse_size(&p[1]).ok_or_else(|| usage("bad OFFSET"))?;
+            write(&p[0], offset)
+        }
+        "copy" => {
+            let a = Args::parse(
+                rest,
+                &["requests", "request-size", "connections"],
+                &["progress"],
+            )?;
+            let p = a.exactly(2)?;
+            let opts = CopyOptions {
+                requests: a.number("requests", 64)?.clamp(1, 64) as usize,
+                request_size: a.number("request-size", 256 << 10)?.clamp(512, 32 << 20) as usize,
+                connections: a.number("connections", 1)?.clamp(1, 16) as usize,
+                progress: a.flag("progress"),
+            };
+            copy(&p[0], &p[1], &opts)
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(usage(&format!("unknown command {other:?}"))),
+    }
+}
+
+// ---------------------------------------------------------------- JSON by hand
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+// ---------------------------------------------------------------- info and list
+
+fn manual(uri: &str) -> io::Result<Nbd> {
+    let mut cfg = ClientConfig::default();
+    cfg.manual = true;
+    BlockingClient::connect_with(uri, cfg)
+}
+
+/// Manual mode up to (but not including) GO: extended headers or structured replies, and
+/// the list of metadata contexts of `export`.
+fn probe(c: &mut Nbd, export: &str) -> io::Result<Vec<String>> {
+    if c.machine().state() != nbd_proto::client::State::Negotiating
+        || c.machine().handshake_flags().bits() & 1 == 0
+    {
+        return Ok(Vec::new());
+    }
+    if c.opt(|m| m.opt_extended_headers())?.is_err() {
+        let _ = c.opt(|m| m.opt_structured_reply())?;
+    }
+    if !c.machine().structured_replies() {
+        return Ok(Vec::new());
+    }
+    Ok(match c.opt(|m| m.opt_list_meta_context(export, &[]))? {
+        Ok(()) => c.listed_contexts().iter().map(|(_, n)| n.clone()).collect(),
+        Err(_) => Vec::new(),
+    })
+}
+
+fn flag_names(f: TransmissionFlags) -> Vec<&'static str> {
+    TransmissionFlags::NAMES
+        .iter()
+        .filter(|(_, v)| f.contains(*v) && *v != TransmissionFlags::HAS_FLAGS)
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+fn info(uri: &str, json: bool) -> io::Result<()> {
+    let parsed = nbd_proto::uri::NbdUri::parse(uri)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut c = manual(uri)?;
+    let hs = c.machine().handshake_flags();
+    let protocol = if c.machine().state() == nbd_proto::client::State::Ready {
+        "oldstyle"
+    } else if hs.contains(nbd_proto::wire::HandshakeFlags::FIXED_NEWSTYLE) {
+        "newstyle-fixed"
+    } else {
+        "newstyle"
+    };
+    let contexts = probe(&mut c, &parsed.export)?;
+    if c.machine().state() != nbd_proto::client::State::Ready {
+        let export = parsed.export.clone();
+        let r = if c.machine().handshake_flags().bits() & 1 != 0 {
+            c.opt(|m| m.opt_go(&export))?
+        } else {
+            c.opt(|m| m.opt_export_name(&export))?
+        };
+        r.map_err(io::Error::other)?;
+    }
+    let m = c.machine();
+    let d = c.details().clone();
+    let size = c.size();
+    let flags = c.flags();
+    let b = m.advertised_block_size();
+    let transaction = if m.extended_headers() {
+        "extended headers"
+    } else if m.structured_replies() {
+        "structured replies"
+    } else {
+        "simple replies"
+    };
+    if json {
+        let mut out = String::from("{\n");
+        out.push_str(&format!("  \"protocol\": {},\n", json_str(protocol)));
+        out.push_str(&format!("  \"transaction\": {},\n", json_str(transaction)));
+        out.push_str(&format!(
+            "  \"export-name\": {},\n",
+            json_str(&parsed.export)
+        ));
+        if let Some(n) = &d.canonical_name {
+            out.push_str(&format!("  \"canonical-name\": {},\n", json_str(n)));
+        }
+        if let Some(desc) = &d.description {
+            out.push_str(&format!("  \"description\": {},\n", json_str(desc)));
+        }
+        out.push_str(&format!("  \"export-size\": {size},\n"));
+        out.push_str(&format!("  \"flags\": {},\n", flags.bits()));
+        for (n, _) in TransmissionFlags::NAMES.iter().skip(1) {
+            let v = TransmissionFlags::NAMES
+                .iter()
+                .find(|(m, _)| m == n)
+                .is_some_and(|(_, f)| flags.contains(*f));
+            out.push_str(&format!("  {}: {v},\n", json_str(&n.to_ascii_lowercase())));
+        }
+        if let Some(b) = b {
+            out.push_str(&format!(
+                "  \"block_size_minimum\": {},\n  \"block_size_preferred\": {},\n  \"block_size_maximum\": {},\n",
+                b.min, b.preferred, b.max_payload
+            ));
+        }
+        let ctx: Vec<String> = contexts.iter().map(|c| json_str(c)).collect();
+        out.push_str(&format!("  \"contexts\": [{}]\n}}", ctx.join(", ")));
+        println!("{out}");
+    } else {
+        println!("protocol: {protocol}, using {transaction}");
+        println!("export={}:", json_str(&parsed.export));
+        if let Some(n) = &d.canonical_name {
+            println!("\tcanonical-name: {n}");
+        }
+        if let Some(desc) = &d.description {
+            println!("\tdescription: {desc}");
+        }
+        println!("\texport-size: {size}");
+        println!(
+            "\tflags: {:#06x} ({})",
+            flags.bits(),
+            flag_names(flags).join(" ")
+        );
+        if let Some(b) = b {
+            println!("\tblock_size_minimum: {}", b.min);
+            println!("\tblock_size_preferred: {}", b.preferred);
+            println!("\tblock_size_maximum: {}", b.max_payload);
+        }
+        if !contexts.is_empty() {
+            println!("\tcontexts:");
+            for ctx in &contexts {
+                println!("\t\t{ctx}");
+            }
+        }
+    }
+    c.disconnect()
+}
+
+fn list(uri: &str, json: bool) -> io::Result<()> {
+    let mut c = manual(uri)?;
+    if c.machine().handshake_flags().bits() & 1 == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the server cannot list exports (not fixed newstyle)",
+        ));
+    }
+    c.opt(|m| m.opt_list())?.map_err(io::Error::other)?;
+    let mut exports = c.exports().to_vec();
+    for e in &mut exports {
+        let name = e.name.clone();
+        if c.opt(|m| m.opt_info(&name))?.is_ok() {
+            let d = c.details();
+            e.size = d.size;
+            e.flags = d.flags;
+            e.block_size = d.block_size;
+            e.canonical_name = d.canonical_name.clone();
+            if e.description.is_none() {
+                e.description = d.description.clone();
+            }
+        }
+    }
+    let _ = c.opt(|m| m.opt_abort());
+    if json {
+        let items: Vec<String> = exports
+            .iter()
+            .map(|e| {
+                let mut s = format!("  {{ \"export-name\": {}", json_str(&e.name));
+                if let Some(d) = &e.description {
+                    s.push_str(&format!(", \"description\": {}", json_str(d)));
+                }
+                if let Some(size) = e.size {
+                    s.push_str(&format!(", \"export-size\": {size}"));
+                }
+                s.push_str(" }");
+                s
+            })
+            .collect();
+        println!("[\n{}\n]", items.join(",\n"));
+    } else {
+        for e in &exports {
+            print!("{}", e.name);
+            if let Some(d) = &e.description {
+                print!("\t{d}");
+            }
+            if let Some(size) = e.size {
+                print!("\t{size}");
+            }
+            println!();
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- map
+
+/// nbdinfo's words for a status value.
+fn describe(context: &str, status: u64) -> String {
+    if context == "base:allocation" {
+        let mut parts = Vec::new();
+        if status & extent::STATE_HOLE != 0 {
+            parts.push("hole");
+        }
+        if status & extent::STATE_ZERO != 0 {
+            parts.push("zero");
+        }
+        if parts.is_empty() {
+            "data".into()
+        } else {
+            parts.join(",")
+        }
+    } else if context.starts_with("qemu:dirty-bitmap:") {
+        if status & extent::STATE_DIRTY != 0 {
+            "dirty"
+        } else {
+            "clean"
+        }
+        .into()
+    } else if context == "qemu:allocation-depth" {
+        match status {
+            0 => "unallocated".into(),
+            1 => "local".into(),
+            n => format!("backing depth {n}"),
+        }
+    } else {
+        String::new()
+    }
+}
+
+/// The extents of `context` over the whole export, merged where neighbours agree.
+fn extents_of(c: &mut Nbd, id: u32, start: u64, end: u64) -> io::Result<Vec<(u64, u64, u64)>> {
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    let mut at = start;
+    let max_len = if c.machine().extended_headers() {
+        1 << 40
+    } else {
+        1 << 31
+    };
+    while at < end {
+        let len = (end - at).min(max_len);
+        let mut got = at;
+        c.block_status(at, len, CmdFlags::empty(), |ctx, off, e: Extent| {
+            if ctx != id || off >= end {
+                return;
+            }
+            let len = e.len.min(end - off);
+            got = off + len;
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off && last.2 == e.status => last.1 += len,
+                _ => out.push((off, len, e.status)),
+            }
+        })?;
+        if got <= at {
+            return Err(io::Error::other(
+                "the server made no progress in block status",
+            ));
+        }
+        at = got;
+    }
+    Ok(out)
+}
+
+fn map(uri: &str, context: &str, json: bool) -> io::Result<()> {
+    let mut cfg = ClientConfig::default();
+    let queries = [context];
+    cfg.meta_contexts = &queries;
+    let mut c = BlockingClient::connect_with(uri, cfg)?;
+    let Some((id, _)) = c.contexts().into_iter().find(|(_, n)| *n == context) else {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the server does not support metadata context {context:?}"),
+        ));
+    };
+    let size = c.size();
+    let extents = extents_of(&mut c, id, 0, size)?;
+    c.disconnect()?;
+    let mut out = String::new();
+    if json {
+        out.push_str("[\n");
+        for (i, (off, len, status)) in extents.iter().enumerate() {
+            out.push_str(&format!(
+                "{{ \"offset\": {off}, \"length\": {len}, \"type\": {status}, \"description\": {} }}{}\n",
+                json_str(&describe(context, *status)),
+                if i + 1 < extents.len() { "," } else { "" }
+            ));
+        }
+        out.push_str("]\n");
+    } else {
+        for (off, len, status) in &extents {
+            out.push_str(&format!(
+                "{off:>12} {len:>12} {status:>4} {}\n",
+                describe(context, *status)
+            ));
+        }
+    }
+    io::stdout().write_all(out.as_bytes())
+}
+
+// ---------------------------------------------------------------- read and write
+
+fn read(uri: &str, offset: u64, len: u64) -> io::Result<()> {
+    let mut c = BlockingClient::connect(uri)?;
+    let step = 4 << 20;
+    let mut buf = vec![0u8; step];
+    let mut out = io::stdout().lock();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(step as u64) as usize;
+        c.read_at(&mut buf[..n], offset + at)?;
+        out.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    out.flush()?;
+    c.disconnect()
+}
+
+fn write(uri: &str, offset: u64) -> io::Result<()> {
+    let mut c = BlockingClient::connect(uri)?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut stdin = io::stdin().lock();
+    let mut at = offset;
+    loop {
+        let n = read_full(&mut stdin, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        c.write_at(&buf[..n], at, CmdFlags::empty())?;
+        at += n as u64;
+    }
+    if c.flags().contains(TransmissionFlags::SEND_FLUSH) {
+        c.flush()?;
+    }
+    c.disconnect()
+}
+
+/// Reads until `buf` is full or end of file.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------- copy
+
+struct CopyOptions {
+    requests: usize,
+    request_size: usize,
+    connections: usize,
+    progress: bool,
+}
+
+fn is_uri(s: &str) -> bool {
+    s.starts_with("nbd://")
+        || s.starts_with("nbds://")
+        || s.starts_with("nbd+unix://")
+        || s.starts_with("nbds+unix://")
+}
+
+enum Src {
+    Nbd(Box<Nbd>),
+    File(File),
+    Stdin(io::Stdin),
+}
+
+enum Dst {
+    Nbd(Box<Nbd>),
+    File(File),
+    Stdout(io::Stdout),
+}
+
+fn open_src(s: &str, allocation: bool) -> io::Result<Src> {
+    if s == "-" {
+        Ok(Src::Stdin(io::stdin()))
+    } else if is_uri(s) {
+        let mut cfg = ClientConfig::default();
+        let q = ["base:allocation"];
+        if allocation {
+            cfg.meta_contexts = &q;
+        }
+        Ok(Src::Nbd(Box::new(BlockingClient::connect_with(s, cfg)?)))
+    } else {
+        File::open(s)
+            .map(Src::File)
+            .map_err(|e| io::Error::new(e.kind(), format!("{s}: {e}")))
+    }
+}
+
+fn open_dst(s: &str, truncate_to: Option<u64>) -> io::Result<Dst> {
+    if s == "-" {
+        Ok(Dst::Stdout(io::stdout()))
+    } else if is_uri(s) {
+        Ok(Dst::Nbd(Box::new(BlockingClient::connect(s)?)))
+    } else {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(s)
+            .map_err(|e| io::Error::new(e.kind(), format!("{s}: {e}")))?;
+        if let Some(size) = truncate_to {
+            if f.metadata()?.is_file() {
+                f.set_len(0)?;
+                f.set_len(size)?;
+            }
+        }
+        Ok(Dst::File(f))
+    }
+}
+
+/// A run of the source: data to copy, or zeroes.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    offset: u64,
+    len: u64,
+    zero: bool,
+}
+
+/// One request buffer of the copy pipeline.
+struct Slot {
+    buf: Vec<u8>,
+    offset: u64,
+    len: usize,
+    cookie: Option<Cookie>,
+    done: bool,
+}
+
+struct Slots<'a>(&'a mut VecDeque<Slot>);
+
+impl Sink for Slots<'_> {
+    fn read_buf(&mut self, cookie: Cookie, offset: u64, len: usize) -> &mut [u8] {
+        match self.0.iter_mut().find(|s| s.cookie == Some(cookie)) {
+            Some(s) => {
+                let start = (offset - s.offset) as usize;
+                s.buf.get_mut(start..start + len).unwrap_or(&mut [])
+            }
+            None => &mut [],
+        }
+    }
+}
+
+struct Progress {
+    total: Option<u64>,
+    done: AtomicU64,
+    enabled: bool,
+    last: std::sync::Mutex<Instant>,
+    printed: AtomicBool,
+}
+
+impl Progress {
+    fn add(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        if !self.enabled {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= Duration::from_millis(500) {
+            *last = Instant::now();
+            self.print(done);
+        }
+    }
+
+    fn print(&self, done: u64) {
+        self.printed.store(true, Ordering::Relaxed);
+        match self.total {
+            Some(t) if t > 0 => eprint!(
+                "\r{:5.1}% ({done} / {t} bytes)",
+                done as f64 * 100.0 / t as f64
+            ),
+            _ => eprint!("\r{done} bytes"),
+        }
+    }
+
+    fn finish(&self) {
+        if self.enabled {
+            self.print(self.done.load(Ordering::Relaxed));
+            eprintln!();
+        }
+    }
+}
+
+fn copy(src: &str, dst: &str, o: &CopyOptions) -> io::Result<()> {
+    let first_src = open_src(src, true)?;
+    let size = match &first_src {
+        Src::Nbd(c) => Some(c.size()),
+        Src::File(f) => {
+            let m = f.metadata()?;
+            m.is_file().then_some(m.len())
+        }
+        Src::Stdin(_) => None,
+    };
+    let first_dst = open_dst(dst, size)?;
+    if let (Some(size), Dst::Nbd(d)) = (size, &first_dst) {
+        if d.size() < size {
+            return Err(io::Error::other(format!(
+                "the destination ({} bytes) is smaller than the source ({size} bytes)",
+                d.size()
+            )));
+        }
+    }
+    let progress = Progress {
+        total: size,
+        done: AtomicU64::new(0),
+        enabled: o.progress,
+        last: std::sync::Mutex::new(Instant::now()),
+        printed: AtomicBool::new(false),
+    };
+    // Several connections only between NBD endpoints whose servers allow it.
+    let multi = |s: &Src, d: &Dst| match (s, d) {
+        (Src::Nbd(s), Dst::Nbd(d)) => {
+            s.flags().contains(TransmissionFlags::CAN_MULTI_CONN)
+                && d.flags().contains(TransmissionFlags::CAN_MULTI_CONN)
+        }
+        _ => false,
+    };
+    let connections = match size {
+        Some(size) if o.connections > 1 && multi(&first_src, &first_dst) && size > 0 => {
+            o.connections
+        }
+        _ => 1,
+    };
+    let result = if connections == 1 {
+        worker(first_src, first_dst, 0, size, o, &progress)
+    } else {
+        let size = size.unwrap_or(0);
+        let part = size.div_ceil(connections as u64).div_ceil(1 << 20) * (1 << 20);
+        std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            let mut firsts = Some((first_src, first_dst));
+            for i in 0..connections as u64 {
+                let start = (i * part).min(size);
+                let end = ((i + 1) * part).min(size);
+                let (progress, src, dst) = (&progress, src.to_owned(), dst.to_owned());
+                let ends = firsts.take();
+                handles.push(scope.spawn(move || -> io::Result<()> {
+                    let (s, d) = match ends {
+                        Some(e) => e,
+                        None => (open_src(&src, true)?, open_dst(&dst, None)?),
+                    };
+                    worker(s, d, start, Some(end), o, progress)
+                }));
+            }
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("worker panicked")))
+                })
+                .collect::<io::Result<Vec<()>>>()
+                .map(|_| ())
+        })
+    };
+    progress.finish();
+    result
+}
+
+/// Copies `[start, end)` (`end` = None: until the source ends) from `src` to `dst`.
+fn worker(
+    mut src: Src,
+    mut dst: Dst,
+    start: u64,
+    end: Option<u64>,
+    o: &CopyOptions,
+    progress: &Progress,
+) -> io::Result<()> {
+    let fresh_file = matches!(&dst, Dst::File(f) if f.metadata().is_ok_and(|m| m.is_file()));
+    let Some(end) = end else {
+        // A stream of unknown length: one block at a time, in order.
+        let mut buf = vec![0u8; o.request_size];
+        let mut at = start;
+        loop {
+            let n = match &mut src {
+                Src::Stdin(s) => read_full(&mut s.lock(), &mut buf)?,
+                Src::File(f) => read_full(f, &mut buf)?,
+                Src::Nbd(_) => unreachable!("NBD sources have a size"),
+            };
+            if n == 0 {
+                break;
+            }
+            put(&mut dst, at, &buf[..n], o, fresh_file)?;
+            progress.add(n as u64);
+            at += n as u64;
+        }
+        return finish(dst);
+    };
+    // Where the zeroes are, if the source can say.
+    let context = match &src {
+        Src::Nbd(c) => c.contexts().first().map(|(id, _)| *id),
+        _ => None,
+    };
+    let runs: Vec<Run> = match (&mut src, context) {
+        (Src::Nbd(c), Some(id)) => extents_of(c, id, start, end)?
+            .into_iter()
+            .map(|(offset, len, status)| Run {
+                offset,
+                len,
+                zero: status & extent::STATE_ZERO != 0,
+            })
+            .collect(),
+        _ => vec![Run {
+            offset: start,
+            len: end - start,
+            zero: false,
+        }],
+    };
+    let mut slots: VecDeque<Slot> = VecDeque::new();
+    let mut free: Vec<Vec<u8>> = Vec::new();
+    let mut pieces: VecDeque<(u64, usize)> = VecDeque::new();
+    for run in runs {
+        if run.zero {
+            // Reads still in flight first: the destination sees everything in order.
+            pump(
+                &mut src,
+                &mut dst,
+                &mut pieces,
+                &mut slots,
+                &mut free,
+                o,
+                progress,
+                fresh_file,
+            )?;
+            write_zeroes(&mut dst, run.offset, run.len, fresh_file)?;
+            progress.add(run.len);
+            continue;
+        }
+        let mut at = run.offset;
+        while at < run.offset + run.len {
+            let n = (run.offset + run.len - at).min(o.request_size as u64) as usize;
+            pieces.push_back((at, n));
+            at += n as u64;
+        }
+    }
+    pump(
+        &mut src,
+        &mut dst,
+        &mut pieces,
+        &mut slots,
+        &mut free,
+        o,
+        progress,
+        fresh_file,
+    )?;
+    finish(dst)?;
+    if let Src::Nbd(c) = src {
+        c.disconnect()?;
+    }
+    Ok(())
+}
+
+/// Moves every queued piece from `src` to `dst`, keeping up to `o.requests` reads in
+/// flight and writing completions out in order.
+#[allow(clippy::too_many_arguments)]
+fn pump(
+    src: &mut Src,
+    dst: &mut Dst,
+    pieces: &mut VecDeque<(u64, usize)>,
+    slots: &mut VecDeque<Slot>,
+    free: &mut Vec<Vec<u8>>,
+    o: &CopyOptions,
+    progress: &Progress,
+    fresh_file: bool,
+) -> io::Result<()> {
+    loop {
+        // Fill the pipeline.
+        while slots.len() < o.requests {
+            let Some((offset, len)) = pieces.pop_front() else {
+                break;
+            };
+            let mut buf = free.pop().unwrap_or_else(|| vec![0u8; o.request_size]);
+            let cookie = match src {
+                Src::Nbd(c) => Some(c.submit_read(offset, len as u32, CmdFlags::empty())?),
+                Src::File(f) => {
+                    f.read_exact_at(&mut buf[..len], offset)?;
+                    None
+                }
+                Src::Stdin(_) => unreachable!("streams do not use the pipeline"),
+            };
+            slots.push_back(Slot {
+                buf,
+                offset,
+                len,
+                done: cookie.is_none(),
+                cookie,
+            });
+        }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        // Write out what is complete at the head, in order.
+        while slots.front().is_some_and(|s| s.done) {
+            let s = slots.pop_front().expect("front exists");
+            put(dst, s.offset, &s.buf[..s.len], o, fresh_file)?;
+            progress.add(s.len as u64);
+            free.push(s.buf);
+        }
+        if slots.is_empty() {
+            continue;
+        }
+        if let Src::Nbd(c) = src {
+            let done = c.complete(&mut Slots(slots))?;
+            done.result.map_err(|e: CommandError| {
+                io::Error::new(e.errno.kind(), format!("reading the source: {e}"))
+            })?;
+            if let Some(s) = slots.iter_mut().find(|s| s.cookie == Some(done.cookie)) {
+                s.done = true;
+            }
+        }
+    }
+}
+
+/// Writes one block of data to the destination (zero blocks as zeroes where cheaper).
+fn put(
+    dst: &mut Dst,
+    offset: u64,
+    data: &[u8],
+    o: &CopyOptions,
+    fresh_file: bool,
+) -> io::Result<()> {
+    let zero = data.iter().all(|b| *b == 0);
+    match dst {
+        Dst::Nbd(c) => {
+            if c.in_flight() >= o.requests {
+                let r = c.complete(&mut NoSink)?;
+                r.result.map_err(|e| {
+                    io::Error::new(e.errno.kind(), format!("writing the destination: {e}"))
+                })?;
+            }
+            if zero && c.flags().contains(TransmissionFlags::SEND_WRITE_ZEROES) {
+                c.submit_write_zeroes(offset, data.len() as u64, CmdFlags::empty())?;
+            } else {
+                c.submit_write(offset, data, CmdFlags::empty())?;
+            }
+            Ok(())
+        }
+        Dst::File(f) if zero && fresh_file => {
+            let _ = f;
+            Ok(())
+        }
+        Dst::File(f) => f.write_all_at(data, offset),
+        Dst::Stdout(s) => s.lock().write_all(data),
+    }
+}
+
+fn write_zeroes(dst: &mut Dst, offset: u64, len: u64, fresh_file: bool) -> io::Result<()> {
+    match dst {
+        Dst::Nbd(c) if c.flags().contains(TransmissionFlags::SEND_WRITE_ZEROES) => {
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(1 << 30);
+                if c.in_flight() > 0 {
+                    // Keep the synchronous call's precondition.
+                    while c.in_flight() > 0 {
+                        c.complete(&mut NoSink)?.result?;
+                    }
+                }
+                c.write_zeroes(at, n, CmdFlags::empty())?;
+                at += n;
+            }
+            Ok(())
+        }
+        Dst::File(_) if fresh_file => Ok(()),
+        _ => {
+            let zeroes = vec![0u8; 1 << 20];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(1 << 20) as usize;
+                match dst {
+                    Dst::Nbd(c) => {
+                        while c.in_flight() > 0 {
+                            c.complete(&mut NoSink)?.result?;
+                        }
+                        c.write_at(&zeroes[..n], at, CmdFlags::empty())?
+                    }
+                    Dst::File(f) => f.write_all_at(&zeroes[..n], at)?,
+                    Dst::Stdout(s) => s.lock().write_all(&zeroes[..n])?,
+                }
+                at += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Waits for the destination's writes and makes them durable.
+fn finish(dst: Dst) -> io::Result<()> {
+    match dst {
+        Dst::Nbd(mut c) => {
+            while c.in_flight() > 0 {
+                c.complete(&mut NoSink)?.result.map_err(|e| {
+                    io::Error::new(e.errno.kind(), format!("writing the destination: {e}"))
+                })?;
+            }
+            if c.flags().contains(TransmissionFlags::SEND_FLUSH) {
+                c.flush()?;
+            }
+            c.disconnect()
+        }
+        Dst::File(f) => f.sync_data(),
+        Dst::Stdout(s) => s.lock().flush(),
+    }
+}
