@@ -103,6 +103,9 @@ pub mod client;
 mod common;
 pub mod error;
 pub mod server;
+#[cfg(any(test, feature = "_testing"))]
+#[doc(hidden)]
+pub mod testing;
 #[cfg(feature = "alloc")]
 pub mod uri;
 pub mod wire;
