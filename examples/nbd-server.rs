@@ -92,9 +92,24 @@ fn run() -> Result<(), String> {
     let mut tls_policy = TlsPolicy::Required;
     let mut specs = vec![ExportSpec::new("")];
     let mut explicit = false;
+    // Whether an export option was given before the first --export.
+    let mut default_configured = false;
     while let Some(arg) = args.next() {
         let mut value = |what: &str| args.next().ok_or_else(|| format!("{arg} needs {what}"));
         let spec = specs.last_mut().expect("at least one export");
+        const EXPORT_OPTIONS: [&str; 8] = [
+            "--memory",
+            "--file",
+            "--read-only",
+            "--description",
+            "--block-size",
+            "--dirty-bitmap",
+            "--granularity",
+            "--tls-only",
+        ];
+        if !explicit && EXPORT_OPTIONS.contains(&arg.as_str()) {
+            default_configured = true;
+        }
         match arg.as_str() {
             "--listen" => listen = Some(value("ADDR:PORT")?),
             "--unix" => unix = Some(value("PATH")?.into()),
@@ -104,12 +119,14 @@ fn run() -> Result<(), String> {
             "--no-extended-headers" => config.extended_headers = false,
             "--export" => {
                 let name = value("NAME")?;
-                if explicit {
+                // Options before the first --export configure the default export "";
+                // without any, there is no default export, only the named ones.
+                if explicit || default_configured {
                     specs.push(ExportSpec::new(&name));
                 } else {
                     spec.name = name;
-                    explicit = true;
                 }
+                explicit = true;
             }
             "--memory" => spec.memory = Some(parse_size(&value("SIZE")?)?),
             "--file" => spec.file = Some(value("PATH")?.into()),
@@ -355,9 +372,10 @@ impl Backend for Constrained {
         context: usize,
         offset: u64,
         len: u64,
+        max: usize,
         out: &mut Vec<Extent>,
     ) -> io::Result<()> {
-        self.0.extents(context, offset, len, out)
+        self.0.extents(context, offset, len, max, out)
     }
 }
 
@@ -480,12 +498,16 @@ impl Backend for FileBackend {
         _context: usize,
         offset: u64,
         len: u64,
+        max: usize,
         out: &mut Vec<Extent>,
     ) -> io::Result<()> {
         use rustix::fs::{seek, SeekFrom as Whence};
         let end = offset.saturating_add(len).min(self.size);
+        let first = out.len();
         let mut at = offset;
-        while at < end {
+        // Data and holes alternate, so each extent is one seek: the work is bounded by
+        // `max`, not by the range.
+        while at < end && out.len() - first < max {
             // The next data at or after `at`; ENXIO means only a hole remains.
             let data = match seek(&self.file, Whence::Data(at)) {
                 Ok(d) => d,

@@ -117,16 +117,20 @@ pub trait Backend: Send + Sync {
     }
 
     /// Appends to `out` the extents of context `context` (an index into
-    /// [`Backend::meta_contexts`]) from `offset` on, covering at least `len` bytes where
-    /// cheap. The server merges, trims and caps them.
+    /// [`Backend::meta_contexts`]) from `offset` on, covering up to `len` bytes, and at
+    /// most `max` extents: stop early rather than walk the whole range, since clients such
+    /// as QEMU ask from each extent to the end of the export with `NBD_CMD_FLAG_REQ_ONE`
+    /// (`max` is then 1). Merge neighbours of equal status. The server trims and caps what
+    /// it sends.
     fn extents(
         &self,
         context: usize,
         offset: u64,
         len: u64,
+        max: usize,
         out: &mut Vec<Extent>,
     ) -> io::Result<()> {
-        let _ = context;
+        let _ = (context, max);
         out.push(Extent {
             len: len.min(self.size().saturating_sub(offset)).max(1),
             status: 0,
@@ -256,8 +260,24 @@ impl From<Error> for ServeError {
 }
 
 /// Serves one connection until the client disconnects.
+///
+/// A client that ends negotiation with `NBD_OPT_ABORT` and closes without reading the
+/// acknowledgement (`qemu-nbd -L` does) ends the session cleanly: proto.md asks servers to
+/// cope with exactly that.
 pub fn serve<S: Stream + 'static>(stream: S, options: &Options) -> Result<(), ServeError> {
-    Connection::new(Box::new(stream), options)?.run()
+    let mut conn = Connection::new(Box::new(stream), options)?;
+    match conn.run() {
+        Err(ServeError::Io(e))
+            if conn.server.state() == State::Closed
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 /// Bytes of zeroes to send for holes in simple replies.
@@ -544,7 +564,16 @@ impl<'o> Connection<'o> {
         for i in 0..self.ids.len() {
             let id = self.ids[i];
             self.extents.clear();
-            if let Err(e) = backend.extents(id as usize, req.offset, req.len, &mut self.extents) {
+            // A REQ_ONE reply sends one extent; any other sends what fits the machine's
+            // output buffer (64 KiB: at most 8192 descriptors).
+            let max = if req.flags.contains(CmdFlags::REQ_ONE) {
+                1
+            } else {
+                8192
+            };
+            if let Err(e) =
+                backend.extents(id as usize, req.offset, req.len, max, &mut self.extents)
+            {
                 self.server
                     .reply_error(req.cookie, Errno::from(&e), &e.to_string())?;
                 return Ok(());
@@ -793,8 +822,10 @@ impl Backend for MemoryBackend {
         _context: usize,
         offset: u64,
         len: u64,
+        max: usize,
         out: &mut Vec<Extent>,
     ) -> io::Result<()> {
+        let first = out.len();
         let end = offset.saturating_add(len).min(self.size);
         let mut at = offset;
         while at < end {
@@ -810,8 +841,10 @@ impl Backend for MemoryBackend {
             } else {
                 STATE_HOLE | STATE_ZERO
             };
+            let ours = out.len() - first;
             match out.last_mut() {
-                Some(last) if last.status == status => last.len += n,
+                Some(last) if ours > 0 && last.status == status => last.len += n,
+                _ if ours == max => break,
                 _ => out.push(Extent { len: n, status }),
             }
             at += n;
@@ -914,20 +947,24 @@ impl Backend for DirtyBitmap {
         context: usize,
         offset: u64,
         len: u64,
+        max: usize,
         out: &mut Vec<Extent>,
     ) -> io::Result<()> {
         let ours = self.inner.meta_contexts().len();
         if context != ours {
-            return self.inner.extents(context, offset, len, out);
+            return self.inner.extents(context, offset, len, max, out);
         }
+        let first = out.len();
         let end = offset.saturating_add(len).min(self.size());
         let mut at = offset;
         while at < end {
             let block = at / self.granularity;
             let n = (self.granularity - at % self.granularity).min(end - at);
             let status = u64::from(self.dirty(block));
+            let ours = out.len() - first;
             match out.last_mut() {
-                Some(last) if last.status == status => last.len += n,
+                Some(last) if ours > 0 && last.status == status => last.len += n,
+                _ if ours == max => break,
                 _ => out.push(Extent { len: n, status }),
             }
             at += n;
@@ -950,7 +987,7 @@ mod tests {
         m.read(PAGE - 2, &mut buf[..4]).unwrap();
         assert_eq!(&buf[..4], b"abcd");
         let mut ex = Vec::new();
-        m.extents(0, 0, 4 * PAGE, &mut ex).unwrap();
+        m.extents(0, 0, 4 * PAGE, usize::MAX, &mut ex).unwrap();
         assert_eq!(
             ex,
             [
@@ -966,7 +1003,7 @@ mod tests {
         );
         m.trim(0, PAGE, false).unwrap();
         ex.clear();
-        m.extents(0, 0, 2 * PAGE, &mut ex).unwrap();
+        m.extents(0, 0, 2 * PAGE, usize::MAX, &mut ex).unwrap();
         assert_eq!(
             ex,
             [
@@ -993,7 +1030,7 @@ mod tests {
         );
         m.write(3 * PAGE + 5, b"x", false).unwrap();
         let mut ex = Vec::new();
-        m.extents(1, 0, 8 * PAGE, &mut ex).unwrap();
+        m.extents(1, 0, 8 * PAGE, usize::MAX, &mut ex).unwrap();
         assert_eq!(
             ex,
             [
@@ -1029,5 +1066,35 @@ mod tests {
         let mut d = Dribble(Vec::new());
         write_all_vectored(&mut d, b"hello", b" world").unwrap();
         assert_eq!(d.0, b"hello world");
+    }
+
+    #[test]
+    fn extents_stop_at_max() {
+        let m = MemoryBackend::new(1 << 30);
+        for p in (0..64).step_by(2) {
+            m.write(p * PAGE, b"x", false).unwrap();
+        }
+        let mut ex = Vec::new();
+        // One extent, merged over the long hole after the data: REQ_ONE costs O(1) pages of
+        // work per allocated run, not O(export).
+        m.extents(0, 64 * PAGE, (1 << 30) - 64 * PAGE, 1, &mut ex)
+            .unwrap();
+        assert_eq!(
+            ex,
+            [Extent {
+                len: (1 << 30) - 64 * PAGE,
+                status: STATE_HOLE | STATE_ZERO
+            }]
+        );
+        ex.clear();
+        m.extents(0, 0, 1 << 30, 3, &mut ex).unwrap();
+        assert_eq!(ex.len(), 3);
+        assert_eq!(
+            ex[0],
+            Extent {
+                len: PAGE,
+                status: 0
+            }
+        );
     }
 }

@@ -307,9 +307,11 @@ enum Pending {
 enum Input {
     ClientFlags,
     Option,
-    /// Skipping a refused option's data or request's payload.
+    /// Skipping a refused option's data or request's payload; the refusal goes out once
+    /// the last byte is gone.
     Discard {
         left: u64,
+        then: Refusal,
     },
     /// After the STARTTLS ACK: nothing until the caller switched.
     AwaitTls,
@@ -322,6 +324,22 @@ enum Input {
     },
     /// Nothing more is accepted.
     Done,
+}
+
+/// A refusal the machine sends once a refused payload has been discarded. Answering
+/// earlier would reach a client still busy sending that payload, which libnbd, for one,
+/// takes for a reply to an unknown cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// A request, with this errno.
+    Request {
+        cookie: Cookie,
+        command: Command,
+        offset: u64,
+        errno: Errno,
+    },
+    /// An option over the length limit: `NBD_REP_ERR_TOO_BIG`.
+    OptionTooBig { code: OptCode, len: u32 },
 }
 
 /// The negotiated export.
@@ -370,6 +388,8 @@ pub struct Server<const N: usize = 64, const B: usize = 65536> {
     /// ...which needs this many bytes in all (0 if only the header length is known).
     need: usize,
     out: Output<B>,
+    /// A refusal due after a discard, not yet queued for want of room.
+    deferred: Option<Refusal>,
     pending: Pending,
     offered: HandshakeFlags,
     client_flags: ClientFlags,
@@ -433,6 +453,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
             partial: false,
             need: 0,
             out: Output::new(),
+            deferred: None,
             pending: Pending::None,
             offered: HandshakeFlags::empty(),
             client_flags: ClientFlags::empty(),
@@ -532,6 +553,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
         if let Some(e) = self.error {
             return Err(e);
         }
+        self.queue_deferred();
         let t = self.out.poll(out)?;
         if t.is_none() && self.state == State::Disconnecting && self.owed.is_empty() {
             self.state = State::Closed;
@@ -547,7 +569,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
         match self.input {
             Input::ClientFlags => Want::Bytes(ClientFlags::LEN),
             Input::Option => Want::Bytes(self.need.max(OptHeader::LEN)),
-            Input::Discard { left } => Want::Discard { len: clamp(left) },
+            Input::Discard { left, .. } => Want::Discard { len: clamp(left) },
             Input::AwaitTls | Input::Done => Want::Nothing,
             Input::Request => {
                 if self.owed.is_full() || !self.has_reply_room() {
@@ -624,14 +646,16 @@ impl<const N: usize, const B: usize> Server<N, B> {
                 }
                 Ok(())
             }
-            Input::Discard { left } if n <= *left => {
+            Input::Discard { left, then } if n <= *left => {
                 *left -= n;
                 if *left == 0 {
+                    self.deferred = Some(*then);
                     self.input = if self.state == State::Transmission {
                         Input::Request
                     } else {
                         Input::Option
                     };
+                    self.queue_deferred();
                 }
                 Ok(())
             }
@@ -682,6 +706,31 @@ impl<const N: usize, const B: usize> Server<N, B> {
     /// what is owed, then close.
     pub fn shutdown(&mut self) {
         self.shutting_down = true;
+    }
+
+    /// Queues the refusal due after a discard, if there is room (else it waits for the
+    /// next `poll_transmit`).
+    fn queue_deferred(&mut self) {
+        let queued = match self.deferred {
+            None => return,
+            Some(Refusal::Request {
+                cookie,
+                command,
+                offset,
+                errno,
+            }) => self.refuse_now(cookie, command, offset, errno),
+            Some(Refusal::OptionTooBig { code, len }) => {
+                let limit = self.config.max_option_len;
+                self.opt_error(
+                    code,
+                    OptError::TooBig,
+                    format_args!("{len} bytes of option data exceed the limit of {limit}"),
+                )
+            }
+        };
+        if queued.is_ok() {
+            self.deferred = None;
+        }
     }
 
     fn fail(&mut self, e: Error) -> Error {

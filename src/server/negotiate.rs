@@ -32,17 +32,12 @@ impl<const N: usize, const B: usize> Server<N, B> {
                 }
                 .into());
             }
-            let limit = self.config.max_option_len;
-            self.opt_error(
-                code,
-                OptError::TooBig,
-                format_args!(
-                    "{} bytes of option data exceed the limit of {limit}",
-                    header.len
-                ),
-            )?;
             self.input = Input::Discard {
                 left: header.len.into(),
+                then: Refusal::OptionTooBig {
+                    code,
+                    len: header.len,
+                },
             };
             return Ok(Handled::new(OptHeader::LEN, None));
         }

@@ -171,6 +171,7 @@ fn refused(s: &mut S, command: Command, flags: CmdFlags, offset: u64, len: u64) 
     assert_eq!(h.consumed, b.len());
     assert!(h.event.is_none(), "{:?}", h.event);
     if let Want::Discard { len: n } = s.wants() {
+        assert_eq!(drain(s), [], "refused before the payload was discarded");
         s.handle_payload(n).unwrap();
     }
     let out = bytes(s);
@@ -656,6 +657,16 @@ fn oversized_options() {
     }));
     let h = s.handle_input(&go[..16]).unwrap();
     assert_eq!((h.consumed, h.event), (16, None));
+    // The refusal waits until the data is gone: the client is still sending it.
+    assert_eq!(bytes(&mut s), b"");
+    assert_eq!(s.wants(), Want::Discard { len: go.len() - 16 });
+    assert_eq!(
+        s.handle_input(&go[16..]).unwrap_err(),
+        Error::Misuse(Misuse::PayloadPending)
+    );
+    s.handle_payload(50).unwrap();
+    assert_eq!(bytes(&mut s), b"");
+    s.handle_payload(go.len() - 16 - 50).unwrap();
     assert!(matches!(
         opt_replies(&bytes(&mut s))[..],
         [(
@@ -666,13 +677,6 @@ fn oversized_options() {
             }
         )]
     ));
-    assert_eq!(s.wants(), Want::Discard { len: go.len() - 16 });
-    assert_eq!(
-        s.handle_input(&go[16..]).unwrap_err(),
-        Error::Misuse(Misuse::PayloadPending)
-    );
-    s.handle_payload(50).unwrap();
-    s.handle_payload(go.len() - 16 - 50).unwrap();
     assert_eq!(s.wants(), Want::Bytes(16));
     assert_eq!(feed(&mut s, &opt(&Opt::List)), Some(ServerEvent::List));
 
@@ -1018,6 +1022,16 @@ fn requests_refused_with_the_spec_errno() {
             error: None,
             cookie: Cookie(5)
         })
+    );
+    // A zero-length read still gets a structured reply (proto.md: a READ MUST be
+    // answered with chunks once structured replies are on): NONE with DONE.
+    let r = request(&s, Command::Read, CmdFlags::empty(), 6, 0, 0);
+    assert_eq!(feed(&mut s, &r), None);
+    let out = bytes(&mut s);
+    let (h, p, _) = ChunkPayload::parse_message(&out).unwrap();
+    assert_eq!(
+        (h.chunk_type, h.is_done(), h.cookie, p),
+        (ChunkType::None, true, Cookie(6), ChunkPayload::None)
     );
 }
 

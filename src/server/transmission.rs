@@ -89,9 +89,17 @@ impl<const N: usize, const B: usize> Server<N, B> {
         let mask = match verdict {
             Ok(mask) => mask,
             Err(errno) => {
-                self.refuse(&req, errno)?;
                 if left > 0 {
-                    self.input = Input::Discard { left };
+                    // The refusal waits until the payload is gone.
+                    let then = Refusal::Request {
+                        cookie: req.cookie,
+                        command: req.command,
+                        offset: req.offset,
+                        errno,
+                    };
+                    self.input = Input::Discard { left, then };
+                } else {
+                    self.refuse_now(req.cookie, req.command, req.offset, errno)?;
                 }
                 return Ok(Handled::new(consumed, None));
             }
@@ -259,12 +267,18 @@ impl<const N: usize, const B: usize> Server<N, B> {
     }
 
     /// Queues the machine's own error reply to a request it refused.
-    fn refuse(&mut self, req: &Request, errno: Errno) -> Result<(), Error> {
+    pub(super) fn refuse_now(
+        &mut self,
+        cookie: Cookie,
+        command: Command,
+        offset: u64,
+        errno: Errno,
+    ) -> Result<(), Error> {
         let o = Owed {
-            cookie: req.cookie,
-            command: req.command,
-            flags: req.flags,
-            offset: req.offset,
+            cookie,
+            command,
+            flags: CmdFlags::empty(),
+            offset,
             len: 0,
             progress: 0,
             started: false,
@@ -274,7 +288,9 @@ impl<const N: usize, const B: usize> Server<N, B> {
 
     /// Queues a success reply without data.
     fn queue_ok(&mut self, req: &Request) -> Result<(), Error> {
-        if self.extended {
+        // proto.md: with structured replies a READ is always answered with chunks, even
+        // when there is no data (a NONE chunk); other commands may get a simple reply.
+        if self.extended || (self.structured && req.command == Command::Read) {
             self.queue_chunk(req.cookie, req.offset, ChunkType::None, 0, true, |_| Ok(0))
         } else {
             // proto.md: with structured replies, a simple reply is still allowed for
