@@ -13,7 +13,7 @@
 //! --unix PATH               listen on a Unix socket
 //! --pid-file PATH           write the process ID here once listening
 //! --oldstyle                oldstyle negotiation (serves the first export)
-//! --no-structured-replies   refuse NBD_OPT_STRUCTURED_REPLY
+//! --no-structured-replies   refuse NBD_OPT_STRUCTURED_REPLY (and extended headers)
 //! --no-extended-headers     refuse NBD_OPT_EXTENDED_HEADERS
 //! --export NAME             start another export
 //! --memory SIZE             sparse memory disk (K, M, G, T suffixes; default 1G)
@@ -431,6 +431,9 @@ impl Backend for FileBackend {
             | TransmissionFlags::SEND_FUA
             | TransmissionFlags::SEND_TRIM
             | TransmissionFlags::SEND_WRITE_ZEROES
+            // Zeroing punches a hole: fast, unless NO_HOLE asks for allocation (then the
+            // request fails with NBD_ENOTSUP, as FAST_ZERO allows).
+            | TransmissionFlags::SEND_FAST_ZERO
             | TransmissionFlags::SEND_CACHE
             | TransmissionFlags::SEND_DF
             | TransmissionFlags::BLOCK_STATUS_PAYLOAD

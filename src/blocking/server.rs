@@ -26,6 +26,8 @@ use std::boxed::Box;
 use std::io::{self, IoSlice, Read, Write};
 use std::string::{String, ToString};
 use std::sync::{Arc, RwLock};
+
+use arrayvec::ArrayVec;
 use std::vec::Vec;
 use std::{format, vec};
 
@@ -64,6 +66,48 @@ pub trait Backend: Send + Sync {
 
     /// Writes `buf` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
+
+    /// Hands the `len` bytes at `offset` to `send`, in order, in one or more calls: the
+    /// server writes them to the socket as they come. A backend that holds its data in
+    /// memory hands out that memory and no byte is copied before the kernel's own copy.
+    /// Fail, if at all, before the first call to `send`: after it the data is promised.
+    ///
+    /// The default reads the whole range into `scratch` with [`Backend::read`] (the
+    /// server keeps `scratch` from one request to the next, so it is allocated once).
+    fn read_to(
+        &self,
+        offset: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[&[u8]]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        self.read(offset, &mut scratch[..len])?;
+        send(&[&scratch[..len]])
+    }
+
+    /// Writes the `len` bytes at `offset` that `fill` produces: each call fills the whole
+    /// slice it is given, in order, straight from the socket. A backend that holds its data
+    /// in memory passes its own memory, so the payload is copied once, by the kernel.
+    /// Errors from `fill` (the connection failed) must be returned as they are.
+    ///
+    /// The default fills `scratch` and calls [`Backend::write`].
+    fn write_from(
+        &self,
+        offset: u64,
+        len: usize,
+        fua: bool,
+        scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        fill(&mut scratch[..len])?;
+        self.write(offset, &scratch[..len], fua)
+    }
 
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()> {
@@ -283,16 +327,25 @@ pub fn serve<S: Stream + 'static>(stream: S, options: &Options) -> Result<(), Se
 /// Bytes of zeroes to send for holes in simple replies.
 static ZEROES: [u8; 65536] = [0; 65536];
 
+/// Size of the input buffer: requests are read in batches, not one system call each.
+const INPUT_LEN: usize = 64 * 1024;
+
 struct Connection<'o> {
     stream: Option<Box<dyn Stream>>,
     options: &'o Options,
     server: Box<Server>,
-    /// Input: exactly the bytes of the message being read.
+    /// Bytes read and not yet consumed: `input[start..end]`. Reads fill as much as the
+    /// socket has, so one system call brings in many pipelined requests.
     input: Vec<u8>,
-    /// Output: encoded bytes not yet written.
+    start: usize,
+    end: usize,
+    /// Encoded output (reply headers, option replies) not yet written: written with the
+    /// next payload in one vectored write, or before blocking on input.
+    pending: Vec<u8>,
+    /// Where `poll_transmit` encodes.
     out: Vec<u8>,
-    /// Data of the request being served (read data or write payload).
-    data: Vec<u8>,
+    /// Scratch for backends that copy (the default `read_to` and `write_from`).
+    scratch: Vec<u8>,
     export: Option<usize>,
     /// Context IDs a block-status request asks for. An ID is the index of the context in
     /// the backend's [`Backend::meta_contexts`].
@@ -317,9 +370,12 @@ impl<'o> Connection<'o> {
             stream: Some(stream),
             options,
             server,
-            input: Vec::with_capacity(64),
-            out: vec![0; 64 * 1024],
-            data: Vec::new(),
+            input: vec![0; INPUT_LEN],
+            start: 0,
+            end: 0,
+            pending: Vec::with_capacity(INPUT_LEN),
+            out: vec![0; 16 * 1024],
+            scratch: Vec::new(),
             export: if options.oldstyle { Some(0) } else { None },
             ids: Vec::new(),
             extents: Vec::new(),
@@ -334,8 +390,9 @@ impl<'o> Connection<'o> {
 
     fn run(&mut self) -> Result<(), ServeError> {
         loop {
-            self.flush_output()?;
+            self.collect()?;
             if self.server.is_finished() {
+                self.flush()?;
                 return match self.server.error() {
                     Some(e) => Err(e.into()),
                     None => Ok(()),
@@ -343,22 +400,35 @@ impl<'o> Connection<'o> {
             }
             match self.server.wants() {
                 Want::Bytes(n) => {
-                    if !self.fill(n)? {
+                    if self.end - self.start < n && !self.read_at_least(n)? {
+                        if self.end > self.start {
+                            // Let the machine see the partial message before the end.
+                            let _ = self.server.handle_input(&self.input[self.start..self.end]);
+                        }
                         self.server.handle_eof()?;
                         continue;
                     }
                     self.handle_message()?;
                 }
-                Want::Payload { len, .. } => self.read_payload(len)?,
+                Want::Payload { len, .. } => self.receive_write(len)?,
                 Want::Discard { len } => {
-                    let mut scratch = [0u8; 16384];
-                    let n = len.min(scratch.len());
-                    self.stream().read_exact(&mut scratch[..n])?;
+                    let mut n = len.min(self.end - self.start);
+                    if n > 0 {
+                        self.start += n;
+                    } else {
+                        self.flush()?;
+                        let mut drop = [0u8; 16384];
+                        n = len.min(drop.len());
+                        self.stream().read_exact(&mut drop[..n])?;
+                    }
                     self.server.handle_payload(n)?;
                 }
                 Want::Nothing => match self.server.state() {
                     State::StartTls => self.start_tls()?,
-                    State::Closed | State::Dead | State::Disconnecting => return Ok(()),
+                    State::Closed | State::Dead | State::Disconnecting => {
+                        self.flush()?;
+                        return Ok(());
+                    }
                     state => {
                         return Err(io::Error::other(format!("server stalled in {state:?}")).into())
                     }
@@ -367,32 +437,27 @@ impl<'o> Connection<'o> {
         }
     }
 
-    /// Reads until `self.input` holds `n` bytes. False at a clean end of file.
-    fn fill(&mut self, n: usize) -> Result<bool, ServeError> {
-        let have = self.input.len();
-        if have < n {
+    /// Reads until the input holds at least `n` unconsumed bytes, taking whatever more the
+    /// socket has. Sends pending output first: the client may be waiting for it. False at
+    /// the end of the stream.
+    fn read_at_least(&mut self, n: usize) -> Result<bool, ServeError> {
+        self.flush()?;
+        if self.start > 0 {
+            self.input.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.input.len() < n {
             self.input.resize(n, 0);
-            let mut at = have;
-            while at < n {
-                // invariant: taken only during the TLS handshake.
-                match self
-                    .stream
-                    .as_mut()
-                    .expect("stream")
-                    .read(&mut self.input[at..n])
-                {
-                    Ok(0) => {
-                        self.input.truncate(at);
-                        if at > 0 {
-                            // Let the machine see the partial message before the end.
-                            let _ = self.server.handle_input(&self.input);
-                        }
-                        return Ok(false);
-                    }
-                    Ok(k) => at += k,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e.into()),
-                }
+        }
+        while self.end < n {
+            // invariant: the stream is only taken out during the TLS handshake.
+            let stream = self.stream.as_mut().expect("stream");
+            match stream.read(&mut self.input[self.end..]) {
+                Ok(0) => return Ok(false),
+                Ok(k) => self.end += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(true)
@@ -400,21 +465,21 @@ impl<'o> Connection<'o> {
 
     fn handle_message(&mut self) -> Result<(), ServeError> {
         let input = std::mem::take(&mut self.input);
-        let result = self.server.handle_input(&input);
-        let handled = match result {
+        let handled = match self.server.handle_input(&input[self.start..self.end]) {
             Ok(h) => h,
             Err(e) => {
                 self.input = input;
                 return Err(e.into());
             }
         };
-        if let Some(event) = handled.event {
-            self.handle_event(event)?;
-        }
         let consumed = handled.consumed;
+        let result = match handled.event {
+            Some(event) => self.handle_event(event),
+            None => Ok(()),
+        };
         self.input = input;
-        self.input.drain(..consumed);
-        Ok(())
+        self.start += consumed;
+        result
     }
 
     fn handle_event(&mut self, event: ServerEvent<'_>) -> Result<(), ServeError> {
@@ -425,7 +490,7 @@ impl<'o> Connection<'o> {
                 for e in options.exports.iter().filter(|e| !e.tls_only || tls) {
                     self.server
                         .answer_list_entry(&e.name, e.description.as_deref().unwrap_or(""))?;
-                    self.flush_output()?;
+                    self.collect()?;
                 }
                 self.server.answer_ack()?;
             }
@@ -434,7 +499,7 @@ impl<'o> Connection<'o> {
                     self.server.answer_export(&options.exports[i].info())?;
                     if q.kind != ExportQueryKind::Info && self.server.state() == State::Transmission
                     {
-                        self.enter(i);
+                        self.export = Some(i);
                     }
                 }
                 None => self
@@ -468,18 +533,14 @@ impl<'o> Connection<'o> {
             // IDs are the index in the backend's list: stable for the connection.
             let id = refs.iter().position(|n| *n == name).unwrap_or(0) as u32;
             self.server.answer_meta_context(id, name)?;
-            self.flush_output()?;
+            self.collect()?;
         }
         self.server.answer_ack()?;
         Ok(())
     }
 
-    fn enter(&mut self, export: usize) {
-        self.export = Some(export);
-    }
-
     fn backend(&self) -> &Arc<dyn Backend> {
-        // invariant: requests only arrive in transmission, after `enter`.
+        // invariant: requests only arrive in transmission, after an export was chosen.
         &self.options.exports[self.export.unwrap_or(0)].backend
     }
 
@@ -511,49 +572,101 @@ impl<'o> Connection<'o> {
         Ok(())
     }
 
+    /// Serves a read: the backend hands over its data (its own memory if it can), and the
+    /// reply header goes out with it in one vectored write.
     fn read(&mut self, req: Request) -> Result<(), ServeError> {
         // invariant: the machine checked the length against the maximum payload (u32).
         let len = req.len as usize;
-        if self.data.len() < len {
-            self.data.resize(len, 0);
+        let backend = self.backend().clone();
+        let mut started = false;
+        let mut send_error: Option<ServeError> = None;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = backend.read_to(req.offset, len, &mut scratch, &mut |slices| {
+            let r = self.send_read_piece(&req, len, started, slices);
+            started = true;
+            r.map_err(|e| {
+                send_error = Some(e);
+                io::Error::other("send failed")
+            })
+        });
+        self.scratch = scratch;
+        if let Some(e) = send_error {
+            return Err(e);
         }
-        match self
-            .backend()
-            .clone()
-            .read(req.offset, &mut self.data[..len])
-        {
-            Ok(()) => self.server.reply_read_data(req.cookie, req.offset, len)?,
-            Err(e) => self
-                .server
-                .reply_error(req.cookie, Errno::from(&e), &e.to_string())?,
+        if let Err(e) = result {
+            if started {
+                // The data was promised: the connection cannot recover.
+                return Err(e.into());
+            }
+            self.server
+                .reply_error(req.cookie, Errno::from(&e), &e.to_string())?;
         }
         Ok(())
     }
 
-    fn read_payload(&mut self, len: usize) -> Result<(), ServeError> {
-        let Some(req) = self.write else {
+    /// Writes one piece of read data; the first piece goes out behind the reply header.
+    fn send_read_piece(
+        &mut self,
+        req: &Request,
+        len: usize,
+        started: bool,
+        slices: &[&[u8]],
+    ) -> Result<(), ServeError> {
+        if !started {
+            self.server.reply_read_data(req.cookie, req.offset, len)?;
+            // The framing up to the payload marker joins the pending bytes.
+            loop {
+                match self.server.poll_transmit(&mut self.out)? {
+                    Some(Transmit::Bytes(n)) => self.pending.extend_from_slice(&self.out[..n]),
+                    Some(Transmit::Payload { .. }) => break,
+                    other => {
+                        return Err(
+                            io::Error::other(format!("unexpected transmit {other:?}")).into()
+                        )
+                    }
+                }
+            }
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let r = write_all_slices(self.stream(), &pending, slices);
+        self.pending = pending;
+        self.pending.clear();
+        r.map_err(Into::into)
+    }
+
+    /// Moves a write's payload from the socket into the backend (straight into its memory
+    /// if it can), then replies.
+    fn receive_write(&mut self, len: usize) -> Result<(), ServeError> {
+        let Some(req) = self.write.take() else {
             return Err(io::Error::other("payload without a write").into());
         };
-        let total = req.len as usize;
-        if self.data.len() < total {
-            self.data.resize(total, 0);
-        }
-        let start = total - len;
+        let backend = self.backend().clone();
+        let fua = req.flags.contains(CmdFlags::FUA);
+        let mut eof = false;
+        let mut read_error: Option<io::Error> = None;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let (input, start, end) = (&self.input, &mut self.start, self.end);
         // invariant: the stream is only taken out during the TLS handshake.
         let stream = self.stream.as_mut().expect("stream");
-        if let Err(e) = stream.read_exact(&mut self.data[start..total]) {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
+        let result = backend.write_from(req.offset, len, fua, &mut scratch, &mut |dest| {
+            // Bytes already read come first, the rest straight from the socket.
+            let have = (end - *start).min(dest.len());
+            dest[..have].copy_from_slice(&input[*start..*start + have]);
+            *start += have;
+            stream.read_exact(&mut dest[have..]).map_err(|e| {
+                eof = e.kind() == io::ErrorKind::UnexpectedEof;
+                read_error = Some(io::Error::new(e.kind(), e.to_string()));
+                e
+            })
+        });
+        self.scratch = scratch;
+        if let Some(e) = read_error {
+            if eof {
                 let _ = self.server.handle_eof();
             }
             return Err(e.into());
         }
         self.server.handle_payload(len)?;
-        self.write = None;
-        let result = self.backend().clone().write(
-            req.offset,
-            &self.data[..total],
-            req.flags.contains(CmdFlags::FUA),
-        );
         self.server
             .reply(req.cookie, result.map_err(|e| Errno::from(&e)))?;
         Ok(())
@@ -587,7 +700,7 @@ impl<'o> Connection<'o> {
             }
             self.server
                 .reply_block_status(req.cookie, id, &self.extents)?;
-            self.flush_output()?;
+            self.collect()?;
         }
         Ok(())
     }
@@ -596,6 +709,13 @@ impl<'o> Connection<'o> {
         let Some(tls) = self.options.tls.clone() else {
             return Err(io::Error::other("STARTTLS accepted without a TLS acceptor").into());
         };
+        self.flush()?;
+        if self.end > self.start {
+            // Plaintext that arrived behind STARTTLS: the machine refuses it.
+            let _refused = self
+                .server
+                .handle_input(&self.input[self.start..self.end])?;
+        }
         // invariant: the stream is present outside this function.
         let stream = self.stream.take().expect("stream");
         self.stream = Some(tls.accept(stream)?);
@@ -603,35 +723,15 @@ impl<'o> Connection<'o> {
         Ok(())
     }
 
-    /// Sends everything the machine has queued: header bytes gathered into one buffer,
-    /// written together with the payload that follows them.
-    fn flush_output(&mut self) -> Result<(), ServeError> {
-        let mut filled = 0;
+    /// Moves what the machine has queued into `pending`. Read data never comes here: reads
+    /// are sent as they are served.
+    fn collect(&mut self) -> Result<(), ServeError> {
         loop {
-            let t = match self.server.poll_transmit(&mut self.out[filled..]) {
-                Ok(t) => t,
-                Err(Error::BufferTooSmall { .. }) => {
-                    self.write_all_out(filled, &[])?;
-                    filled = 0;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            match t {
-                None => break,
-                Some(Transmit::Bytes(n)) => filled += n,
-                Some(Transmit::Payload { len, .. }) => {
-                    // Header and data in one vectored write; the read being served starts
-                    // at index 0 of the data buffer.
-                    let data = std::mem::take(&mut self.data);
-                    let r = self.write_all_out(filled, &data[..len]);
-                    self.data = data;
-                    r?;
-                    filled = 0;
-                }
+            match self.server.poll_transmit(&mut self.out)? {
+                None => return Ok(()),
+                Some(Transmit::Bytes(n)) => self.pending.extend_from_slice(&self.out[..n]),
                 Some(Transmit::Zeroes { len, .. }) => {
-                    self.write_all_out(filled, &[])?;
-                    filled = 0;
+                    self.flush()?;
                     let mut left = len;
                     while left > 0 {
                         let n = left.min(ZEROES.len());
@@ -639,41 +739,60 @@ impl<'o> Connection<'o> {
                         left -= n;
                     }
                 }
+                Some(Transmit::Payload { .. }) => {
+                    return Err(io::Error::other("read data outside a read").into())
+                }
             }
         }
-        self.write_all_out(filled, &[])?;
+    }
+
+    /// Writes the pending output.
+    fn flush(&mut self) -> Result<(), ServeError> {
+        self.collect()?;
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            let r = self.stream().write_all(&pending);
+            self.pending = pending;
+            self.pending.clear();
+            r?;
+        }
         self.stream().flush()?;
         Ok(())
     }
-
-    fn write_all_out(&mut self, filled: usize, payload: &[u8]) -> io::Result<()> {
-        let out = std::mem::take(&mut self.out);
-        let r = write_all_vectored(self.stream(), &out[..filled], payload);
-        self.out = out;
-        r
-    }
 }
 
-/// Writes `a` then `b` with as few system calls as the stream allows.
-pub(crate) fn write_all_vectored<W: Write + ?Sized>(
+/// Writes `head` then every slice of `rest` with as few system calls as the stream allows.
+pub(crate) fn write_all_slices<W: Write + ?Sized>(
     w: &mut W,
-    mut a: &[u8],
-    mut b: &[u8],
+    head: &[u8],
+    rest: &[&[u8]],
 ) -> io::Result<()> {
-    while !a.is_empty() || !b.is_empty() {
-        let n = if a.is_empty() {
-            w.write(b)?
-        } else if b.is_empty() {
-            w.write(a)?
-        } else {
-            w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+    // A small fixed array of slices: no allocation per write.
+    const MAX: usize = 64;
+    let mut at = 0;
+    let mut first = !head.is_empty();
+    while at < rest.len() || first {
+        let mut bufs: [IoSlice<'_>; MAX] = [IoSlice::new(&[]); MAX];
+        let mut n = 0;
+        if first {
+            bufs[0] = IoSlice::new(head);
+            n = 1;
         }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
+        let take = (rest.len() - at).min(MAX - n);
+        for (b, s) in bufs[n..n + take].iter_mut().zip(&rest[at..at + take]) {
+            *b = IoSlice::new(s);
+        }
+        n += take;
+        let mut slices = &mut bufs[..n];
+        while !slices.is_empty() {
+            let written = w.write_vectored(slices)?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, written);
+        }
+        first = false;
+        at += take;
     }
     Ok(())
 }
@@ -781,6 +900,64 @@ impl Backend for MemoryBackend {
             let data = page.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
             data[in_page..in_page + n].copy_from_slice(&buf[at..at + n]);
             at += n;
+        }
+        Ok(())
+    }
+
+    fn read_to(
+        &self,
+        offset: u64,
+        len: usize,
+        _scratch: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[&[u8]]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        // Up to GROUP pages at a time, read-locked while the kernel copies them out.
+        const GROUP: usize = 16;
+        let zero_page = &ZEROES[..PAGE as usize];
+        let end = offset + len as u64;
+        let mut at = offset;
+        while at < end {
+            let first = (at / PAGE) as usize;
+            let last = ((end - 1) / PAGE) as usize;
+            let pages = (last - first + 1).min(GROUP);
+            let mut guards: ArrayVec<_, GROUP> = ArrayVec::new();
+            for p in first..first + pages {
+                guards.push(self.page(p).read().unwrap_or_else(|e| e.into_inner()));
+            }
+            let mut slices: ArrayVec<&[u8], GROUP> = ArrayVec::new();
+            for (i, g) in guards.iter().enumerate() {
+                let page_start = (first + i) as u64 * PAGE;
+                let from = (at.max(page_start) - page_start) as usize;
+                let to = (end.min(page_start + PAGE) - page_start) as usize;
+                slices.push(match g.as_ref() {
+                    Some(data) => &data[from..to],
+                    None => &zero_page[from..to],
+                });
+            }
+            send(&slices)?;
+            at = ((first + pages) as u64 * PAGE).min(end);
+        }
+        Ok(())
+    }
+
+    fn write_from(
+        &self,
+        offset: u64,
+        len: usize,
+        _fua: bool,
+        _scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let end = offset + len as u64;
+        let mut at = offset;
+        while at < end {
+            let p = (at / PAGE) as usize;
+            let in_page = (at % PAGE) as usize;
+            let n = ((PAGE - at % PAGE).min(end - at)) as usize;
+            let mut page = self.page(p).write().unwrap_or_else(|e| e.into_inner());
+            let data = page.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
+            fill(&mut data[in_page..in_page + n])?;
+            at += n as u64;
         }
         Ok(())
     }
@@ -912,6 +1089,26 @@ impl Backend for DirtyBitmap {
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         self.mark(offset, buf.len() as u64);
         self.inner.write(offset, buf, fua)
+    }
+    fn read_to(
+        &self,
+        offset: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        send: &mut dyn FnMut(&[&[u8]]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.inner.read_to(offset, len, scratch, send)
+    }
+    fn write_from(
+        &self,
+        offset: u64,
+        len: usize,
+        fua: bool,
+        scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.mark(offset, len as u64);
+        self.inner.write_from(offset, len, fua, scratch, fill)
     }
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()
@@ -1064,7 +1261,7 @@ mod tests {
             }
         }
         let mut d = Dribble(Vec::new());
-        write_all_vectored(&mut d, b"hello", b" world").unwrap();
+        write_all_slices(&mut d, b"hello", &[b" wor", b"", b"ld"]).unwrap();
         assert_eq!(d.0, b"hello world");
     }
 

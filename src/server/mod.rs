@@ -88,7 +88,8 @@ pub struct ServerConfig {
     pub no_zeroes: bool,
     /// Accept `NBD_OPT_STRUCTURED_REPLY`. Default true.
     pub structured_replies: bool,
-    /// Accept `NBD_OPT_EXTENDED_HEADERS`. Default true.
+    /// Accept `NBD_OPT_EXTENDED_HEADERS` (only if structured replies are accepted too:
+    /// extended headers imply them). Default true.
     pub extended_headers: bool,
     /// Options with more data than this are refused with `NBD_REP_ERR_TOO_BIG` (and their
     /// data discarded). Default 16 KiB: room for a 4096-byte name and several queries.

@@ -159,7 +159,9 @@ impl<const N: usize, const B: usize> Server<N, B> {
                 Ok(None)
             }
             Opt::ExtendedHeaders => {
-                if self.config.extended_headers {
+                // Extended headers imply structured replies: a server configured without
+                // the latter refuses the former too.
+                if self.config.extended_headers && self.config.structured_replies {
                     self.extended = true;
                     self.structured = true;
                     self.opt_reply(code, &OptReply::Ack)?;
@@ -472,6 +474,15 @@ impl<const N: usize, const B: usize> Server<N, B> {
         // headers and SHOULD NOT be without a selected context. RESIZE is not implemented.
         if !self.structured {
             flags.remove(TransmissionFlags::SEND_DF);
+        }
+        if flags.contains(TransmissionFlags::READ_ONLY) {
+            // Nothing can be written: do not advertise ways of writing (as nbdkit -r and
+            // qemu-nbd -r do not).
+            flags.remove(
+                TransmissionFlags::SEND_TRIM
+                    | TransmissionFlags::SEND_WRITE_ZEROES
+                    | TransmissionFlags::SEND_FAST_ZERO,
+            );
         }
         if !flags.contains(TransmissionFlags::SEND_WRITE_ZEROES) {
             flags.remove(TransmissionFlags::SEND_FAST_ZERO);

@@ -1060,9 +1060,20 @@ fn read_only_and_unadvertised_commands() {
     );
     assert_eq!(
         refused(&mut s, Command::Trim, CmdFlags::empty(), 0, 512),
-        Errno::Inval,
-        "TRIM not advertised"
+        Errno::Perm,
+        "writes of any kind to a read-only export: EPERM"
     );
+    assert_eq!(
+        refused(&mut s, Command::Cache, CmdFlags::empty(), 0, 512),
+        Errno::Inval,
+        "CACHE not advertised"
+    );
+    // A read-only export does not advertise ways of writing.
+    assert!(!s.transmission_flags().intersects(
+        TransmissionFlags::SEND_TRIM
+            | TransmissionFlags::SEND_WRITE_ZEROES
+            | TransmissionFlags::SEND_FAST_ZERO
+    ));
     assert_eq!(
         refused(&mut s, Command::BlockStatus, CmdFlags::empty(), 0, 512),
         Errno::Inval,

@@ -157,6 +157,12 @@ impl<const N: usize, const B: usize> Server<N, B> {
             Command::WriteZeroes => TransmissionFlags::SEND_WRITE_ZEROES,
             Command::Disc | Command::Resize | Command::Unknown(_) => return Err(Errno::Inval),
         };
+        // proto.md: writes of any kind to a read-only export SHOULD fail with EPERM, even
+        // those (TRIM, WRITE_ZEROES) a read-only export does not advertise.
+        let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
+        if writes && tflags.contains(TransmissionFlags::READ_ONLY) {
+            return Err(Errno::Perm);
+        }
         if !tflags.contains(gate) {
             return Err(Errno::Inval);
         }
@@ -212,10 +218,6 @@ impl<const N: usize, const B: usize> Server<N, B> {
                     }
                 }
             }
-        }
-        let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
-        if writes && tflags.contains(TransmissionFlags::READ_ONLY) {
-            return Err(Errno::Perm);
         }
         if cmd == Command::Flush {
             // proto.md: offset and length MUST be 0.
