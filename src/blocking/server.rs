@@ -653,10 +653,9 @@ impl<'o> Connection<'o> {
             let have = (end - *start).min(dest.len());
             dest[..have].copy_from_slice(&input[*start..*start + have]);
             *start += have;
-            stream.read_exact(&mut dest[have..]).map_err(|e| {
+            stream.read_exact(&mut dest[have..]).inspect_err(|e| {
                 eof = e.kind() == io::ErrorKind::UnexpectedEof;
                 read_error = Some(io::Error::new(e.kind(), e.to_string()));
-                e
             })
         });
         self.scratch = scratch;
