@@ -245,21 +245,15 @@ fn build_export(spec: &ExportSpec) -> Result<Export, String> {
                 spec.name
             ))
         }
-        (Some(path), None) => Arc::new(FileBackend::open(path, spec.read_only, spec.block_size)?),
-        (None, size) => {
-            let m = MemoryBackend::new(size.unwrap_or(1 << 30));
-            if let Some(b) = spec.block_size {
-                Arc::new(Constrained(Arc::new(m), b))
-            } else {
-                Arc::new(m)
-            }
-        }
+        (Some(path), None) => Arc::new(FileBackend::open(path, spec.read_only)?),
+        (None, size) => Arc::new(MemoryBackend::new(size.unwrap_or(1 << 30))),
     };
     if let Some(name) = &spec.dirty_bitmap {
         backend = Arc::new(DirtyBitmap::new(backend, name, spec.granularity));
     }
     let mut export = Export::new(&spec.name, backend);
     export.read_only = spec.read_only;
+    export.block_size = spec.block_size;
     export.description = spec.description.clone();
     export.tls_only = spec.tls_only;
     Ok(export)
@@ -329,71 +323,16 @@ fn parse_block_size(s: &str) -> Result<BlockSize, String> {
     Ok(b)
 }
 
-/// A backend with advertised block-size constraints.
-struct Constrained(Arc<dyn Backend>, BlockSize);
-
-impl Backend for Constrained {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn flags(&self) -> TransmissionFlags {
-        self.0.flags()
-    }
-    fn block_size(&self) -> Option<BlockSize> {
-        Some(self.1)
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read(offset, buf)
-    }
-    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
-        self.0.write(offset, buf, fua)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.0.flush()
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.0.trim(offset, len, fua)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        no_hole: bool,
-        fast: bool,
-        fua: bool,
-    ) -> io::Result<()> {
-        self.0.write_zeroes(offset, len, no_hole, fast, fua)
-    }
-    fn meta_contexts(&self) -> Vec<String> {
-        self.0.meta_contexts()
-    }
-    fn extents(
-        &self,
-        context: usize,
-        offset: u64,
-        len: u64,
-        max: usize,
-        out: &mut Vec<Extent>,
-    ) -> io::Result<()> {
-        self.0.extents(context, offset, len, max, out)
-    }
-}
-
 /// A file or block device: `base:allocation` from SEEK_DATA/SEEK_HOLE, trim and zeroing
 /// punch holes, flush and FUA sync.
 struct FileBackend {
     file: File,
     size: u64,
     read_only: bool,
-    block_size: Option<BlockSize>,
 }
 
 impl FileBackend {
-    fn open(
-        path: &PathBuf,
-        read_only: bool,
-        block_size: Option<BlockSize>,
-    ) -> Result<Self, String> {
+    fn open(path: &PathBuf, read_only: bool) -> Result<Self, String> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -406,7 +345,6 @@ impl FileBackend {
             file,
             size,
             read_only,
-            block_size,
         })
     }
 
@@ -443,9 +381,6 @@ impl Backend for FileBackend {
             f |= TransmissionFlags::READ_ONLY;
         }
         f
-    }
-    fn block_size(&self) -> Option<BlockSize> {
-        self.block_size
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)

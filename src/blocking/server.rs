@@ -194,6 +194,8 @@ pub struct Export {
     pub backend: Arc<dyn Backend>,
     /// Advertise the export read-only even if the backend could write.
     pub read_only: bool,
+    /// Block-size constraints to advertise (and have enforced) instead of the backend's.
+    pub block_size: Option<BlockSize>,
     /// Under [`TlsPolicy::Optional`](crate::TlsPolicy::Optional), only offer this export over TLS.
     pub tls_only: bool,
 }
@@ -206,6 +208,7 @@ impl Export {
             description: None,
             backend,
             read_only: false,
+            block_size: None,
             tls_only: false,
         }
     }
@@ -223,7 +226,7 @@ impl Export {
         if let Some(d) = &self.description {
             info = info.with_description(d);
         }
-        if let Some(b) = self.backend.block_size() {
+        if let Some(b) = self.block_size.or_else(|| self.backend.block_size()) {
             info = info.with_block_size(b);
         }
         info.tls_only = self.tls_only;

@@ -663,15 +663,7 @@ impl<const N: usize> Client<N> {
                 // WRITE_ZEROES and BLOCK_STATUS, with an offset inside the request. On
                 // any other command it is an unexpected error chunk: the command fails,
                 // the offset means nothing.
-                let offset_allowed = matches!(
-                    entry.command,
-                    Command::Read
-                        | Command::Write
-                        | Command::Trim
-                        | Command::Cache
-                        | Command::WriteZeroes
-                        | Command::BlockStatus
-                );
+                let offset_allowed = entry.command.allows_error_offset();
                 let offset = chunk.offset.filter(|_| offset_allowed);
                 if let Some(o) = offset {
                     if !entry.contains(o, 1) {

@@ -3,19 +3,6 @@
 
 use super::*;
 
-/// Which commands can report `NBD_REPLY_TYPE_ERROR_OFFSET` (proto.md).
-fn error_offset_allowed(c: Command) -> bool {
-    matches!(
-        c,
-        Command::Read
-            | Command::Write
-            | Command::Trim
-            | Command::Cache
-            | Command::WriteZeroes
-            | Command::BlockStatus
-    )
-}
-
 impl<const N: usize, const B: usize> Server<N, B> {
     /// Reads one request header (and a payload-form block-status payload) and checks it.
     pub(super) fn read_request<'i>(
@@ -467,7 +454,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
             if !self.structured {
                 return Err(Misuse::NotNegotiated("structured replies").into());
             }
-            if !error_offset_allowed(o.command) || at < o.offset || at >= o.end() {
+            if !o.command.allows_error_offset() || at < o.offset || at >= o.end() {
                 return Err(Misuse::BadReply("error offset outside the request").into());
             }
         }

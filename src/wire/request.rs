@@ -53,6 +53,23 @@ enum_with_unknown! {
     }
 }
 
+impl Command {
+    /// True for the commands whose errors may carry an offset
+    /// (`NBD_REPLY_TYPE_ERROR_OFFSET`): READ, WRITE, TRIM, CACHE, WRITE_ZEROES and
+    /// BLOCK_STATUS (proto.md).
+    pub fn allows_error_offset(self) -> bool {
+        matches!(
+            self,
+            Self::Read
+                | Self::Write
+                | Self::Trim
+                | Self::Cache
+                | Self::WriteZeroes
+                | Self::BlockStatus
+        )
+    }
+}
+
 mod field {
     use super::Field;
     pub(super) const MAGIC: Field = 0..4;
