@@ -77,12 +77,40 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One clear line; a closed stdout (e.g. `| head`) is not worth a message.
-            if e.kind() != io::ErrorKind::BrokenPipe {
+            // One clear line; a closed stdout (e.g. `| head`) is not worth a message (a
+            // broken connection to a server is).
+            if !StdoutClosed::is(&e) {
                 eprintln!("nbd-client: {e}");
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Standard output was closed by its reader.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+impl StdoutClosed {
+    /// Marks a broken pipe on standard output as such.
+    fn mark(e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            io::Error::new(io::ErrorKind::BrokenPipe, StdoutClosed)
+        } else {
+            e
+        }
+    }
+
+    fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|i| i.is::<StdoutClosed>())
     }
 }
 
@@ -628,7 +656,9 @@ fn map(uri: &str, context: &str, json: bool) -> io::Result<()> {
             ));
         }
     }
-    io::stdout().write_all(out.as_bytes())
+    io::stdout()
+        .write_all(out.as_bytes())
+        .map_err(StdoutClosed::mark)
 }
 
 // ---------------------------------------------------------------- read and write
@@ -642,10 +672,10 @@ fn read(uri: &str, offset: u64, len: u64) -> io::Result<()> {
     while at < len {
         let n = (len - at).min(step as u64) as usize;
         c.read_at(&mut buf[..n], offset + at)?;
-        out.write_all(&buf[..n])?;
+        out.write_all(&buf[..n]).map_err(StdoutClosed::mark)?;
         at += n as u64;
     }
-    out.flush()?;
+    out.flush().map_err(StdoutClosed::mark)?;
     c.disconnect()
 }
 
@@ -1078,7 +1108,7 @@ fn put(
             Ok(())
         }
         Dst::File(f) => f.write_all_at(data, offset),
-        Dst::Stdout(s) => s.lock().write_all(data),
+        Dst::Stdout(s) => s.lock().write_all(data).map_err(StdoutClosed::mark),
     }
 }
 
@@ -1113,7 +1143,10 @@ fn write_zeroes(dst: &mut Dst, offset: u64, len: u64, fresh_file: bool) -> io::R
                         c.write_at(&zeroes[..n], at, CmdFlags::empty())?
                     }
                     Dst::File(f) => f.write_all_at(&zeroes[..n], at)?,
-                    Dst::Stdout(s) => s.lock().write_all(&zeroes[..n])?,
+                    Dst::Stdout(s) => s
+                        .lock()
+                        .write_all(&zeroes[..n])
+                        .map_err(StdoutClosed::mark)?,
                 }
                 at += n as u64;
             }
@@ -1137,7 +1170,7 @@ fn finish(dst: Dst) -> io::Result<()> {
             c.disconnect()
         }
         Dst::File(f) => f.sync_data(),
-        Dst::Stdout(s) => s.lock().flush(),
+        Dst::Stdout(s) => s.lock().flush().map_err(StdoutClosed::mark),
     }
 }
 

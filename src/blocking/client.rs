@@ -503,7 +503,8 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
             upgrade,
         };
         loop {
-            this.flush_out(None)?;
+            this.flush_out(None)
+                .map_err(|e| this.negotiation_error(e))?;
             match this.client.state() {
                 State::Ready => break,
                 State::Negotiating if config.manual && this.client.wants() == Want::Nothing => {
@@ -511,7 +512,9 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                 }
                 _ => {}
             }
-            this.step(&mut NoSink)?;
+            if let Err(e) = this.step(&mut NoSink) {
+                return Err(this.negotiation_error(e));
+            }
         }
         if config.manual && this.upgrade.is_some() {
             this.manual_starttls(config.tls)?;
@@ -608,7 +611,8 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
         self.option_done = None;
         self.meta.retain(|_| false);
         loop {
-            self.flush_out(None)?;
+            self.flush_out(None)
+                .map_err(|e| self.negotiation_error(e))?;
             if let Some(r) = self.option_done.take() {
                 return Ok(r);
             }
@@ -616,7 +620,32 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                 State::Ready | State::Closed => return Ok(Ok(())),
                 _ => {}
             }
-            self.step(&mut NoSink)?;
+            if let Err(e) = self.step(&mut NoSink) {
+                return Err(self.negotiation_error(e));
+            }
+        }
+    }
+
+    /// A transport error during negotiation, explained when TLS is up: a server that
+    /// refuses the client's certificate (or has none) hangs up just after the handshake.
+    fn negotiation_error(&self, e: io::Error) -> io::Error {
+        let dropped = matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        );
+        if dropped && self.client.tls_active() {
+            io::Error::new(
+                e.kind(),
+                std::format!(
+                    "the server closed the TLS session during negotiation ({e}); servers \
+                     that check client certificates do so when they refuse one"
+                ),
+            )
+        } else {
+            e
         }
     }
 
