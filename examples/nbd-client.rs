@@ -70,7 +70,7 @@ options for every command:
 TLS URIs: nbds://HOST/EXPORT?tls-certificates=DIR (TLS required),
   nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR&tls-hostname=NAME,
   nbd://...?tls-certificates=DIR (TLS if the server offers it); tls-verify-peer=false
-  skips certificate checks. See --help for details.";
+  skips certificate checks. More in nbd-client --help.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -271,7 +271,8 @@ fn run(args: &[String]) -> io::Result<()> {
             let docs: Vec<&str> = include_str!("nbd-client.rs")
                 .lines()
                 .take_while(|l| l.starts_with("//!"))
-                .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+                .map(|l| l.trim_start_matches("//!"))
+                .map(|l| l.strip_prefix(' ').unwrap_or(l))
                 .filter(|l| !l.starts_with("```"))
                 .collect();
             println!("{}\n\n{USAGE}", docs.join("\n"));
