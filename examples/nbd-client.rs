@@ -12,21 +12,50 @@
 //! SRC and DST are NBD URIs, file names, or `-` (stdin/stdout). Copies skip the zero
 //! regions an NBD source reports through `base:allocation` (and all-zero blocks of other
 //! sources when the destination can write zeroes). A regular destination file is truncated
-//! and sized to the source first. TLS (`nbds://`) is not supported yet.
+//! and sized to the source first.
+//!
+//! TLS (X.509, with rustls), as libnbd's URIs spell it:
+//!
+//! ```text
+//! nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR              TLS required
+//! nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR&tls-hostname=NAME
+//! nbd://HOST/EXPORT?tls-certificates=DIR                      TLS if the server offers it
+//! --tls-certificates DIR                                      DIR for every URI without one
+//! ```
+//!
+//! * `DIR/ca-cert.pem` is the certificate authority to trust (there is no system trust
+//!   store here); `DIR/client-cert.pem` and `DIR/client-key.pem`, if present, are the
+//!   client's certificate for servers that ask for one.
+//! * The server's certificate must name `tls-hostname=` if given, else the URI's host. Over
+//!   a Unix socket `tls-hostname=` is needed. `tls-verify-peer=false` skips the checks
+//!   (encryption without authentication).
+//! * `nbds` never falls back to plaintext. `nbd` with certificates upgrades when the server
+//!   accepts STARTTLS and stays in plaintext otherwise; `nbd` without certificates never
+//!   tries TLS, so a server that requires TLS refuses it ("the server requires TLS").
+//!   libnbd differs there: it never tries TLS on `nbd` URIs.
+//! * Pre-shared keys (`tls-type=psk`, `tls-psk-file=`) are not supported.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use nbd_proto::blocking::{BlockingClient, CommandError, NoSink, Sink};
+use nbd_proto::blocking::client::Stream;
+use nbd_proto::blocking::{BlockingClient, CommandError, NoSink, Sink, TlsConnector};
 use nbd_proto::client::ClientConfig;
+use nbd_proto::uri::{NbdUri, Transport};
 use nbd_proto::wire::{extent, CmdFlags, Cookie, Extent, TransmissionFlags};
 
-type Nbd = BlockingClient;
+/// A client over a boxed stream, so that TLS can take it over.
+type Nbd = BlockingClient<Box<dyn Stream>>;
+
+/// `--tls-certificates DIR`: for URIs without `tls-certificates=`.
+static TLS_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 const USAGE: &str = "usage:
   nbd-client info URI [--json]
@@ -34,19 +63,54 @@ const USAGE: &str = "usage:
   nbd-client map URI [--context NAME] [--json]
   nbd-client read URI OFFSET LENGTH
   nbd-client write URI OFFSET
-  nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N] [--progress]";
+  nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N] [--progress]
+options for every command:
+  --tls-certificates DIR   TLS with DIR/ca-cert.pem (and DIR/client-cert.pem, client-key.pem
+                           if present) for URIs without tls-certificates=DIR
+TLS URIs: nbds://HOST/EXPORT?tls-certificates=DIR (TLS required),
+  nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR&tls-hostname=NAME,
+  nbd://...?tls-certificates=DIR (TLS if the server offers it); tls-verify-peer=false
+  skips certificate checks. More in nbd-client --help.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One clear line; a closed stdout (e.g. `| head`) is not worth a message.
-            if e.kind() != io::ErrorKind::BrokenPipe {
+            // One clear line; a closed stdout (e.g. `| head`) is not worth a message (a
+            // broken connection to a server is).
+            if !StdoutClosed::is(&e) {
                 eprintln!("nbd-client: {e}");
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Standard output was closed by its reader.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+impl StdoutClosed {
+    /// Marks a broken pipe on standard output as such.
+    fn mark(e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            io::Error::new(io::ErrorKind::BrokenPipe, StdoutClosed)
+        } else {
+            e
+        }
+    }
+
+    fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|i| i.is::<StdoutClosed>())
     }
 }
 
@@ -121,6 +185,28 @@ impl Args {
     }
 }
 
+/// Removes `--NAME VALUE` (or `--NAME=VALUE`) from anywhere in `args`: the last one wins.
+fn take_global(args: &mut Vec<String>, name: &str) -> io::Result<Option<String>> {
+    let flag = format!("--{name}");
+    let mut value = None;
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == flag {
+            if i + 1 >= args.len() {
+                return Err(usage(&format!("{flag} needs a value")));
+            }
+            value = Some(args.remove(i + 1));
+            args.remove(i);
+        } else if let Some(v) = args[i].strip_prefix(&format!("{flag}=")) {
+            value = Some(v.to_owned());
+            args.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    Ok(value)
+}
+
 /// A number with an optional K/M/G suffix (powers of 1024).
 fn parse_size(s: &str) -> Option<u64> {
     let (digits, mult) = match s.char_indices().last()? {
@@ -133,6 +219,9 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 fn run(args: &[String]) -> io::Result<()> {
+    let mut args = args.to_vec();
+    let tls_dir = take_global(&mut args, "tls-certificates")?;
+    let _ = TLS_DIR.set(tls_dir.map(PathBuf::from));
     let Some((cmd, rest)) = args.split_first() else {
         return Err(usage("no command"));
     };
@@ -179,7 +268,14 @@ fn run(args: &[String]) -> io::Result<()> {
             copy(&p[0], &p[1], &opts)
         }
         "-h" | "--help" | "help" => {
-            println!("{USAGE}");
+            let docs: Vec<&str> = include_str!("nbd-client.rs")
+                .lines()
+                .take_while(|l| l.starts_with("//!"))
+                .map(|l| l.trim_start_matches("//!"))
+                .map(|l| l.strip_prefix(' ').unwrap_or(l))
+                .filter(|l| !l.starts_with("```"))
+                .collect();
+            println!("{}\n\n{USAGE}", docs.join("\n"));
             Ok(())
         }
         other => Err(usage(&format!("unknown command {other:?}"))),
@@ -208,10 +304,75 @@ fn json_str(s: &str) -> String {
 
 // ---------------------------------------------------------------- info and list
 
+fn parse_uri(uri: &str) -> io::Result<NbdUri> {
+    NbdUri::parse(uri).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Connects to `uri`, with TLS as the URI and `--tls-certificates` say.
+fn connect(uri: &str, cfg: ClientConfig<'_>) -> io::Result<Nbd> {
+    let connector = tls_connector(&parse_uri(uri)?)?;
+    BlockingClient::connect_tls(uri, cfg, connector)
+}
+
+/// The TLS connector for `u`: none for plaintext (`nbd` without certificates). Every
+/// setting that cannot work is refused here, before connecting.
+fn tls_connector(u: &NbdUri) -> io::Result<Option<Arc<dyn TlsConnector>>> {
+    let dir = u
+        .tls_certificates
+        .as_ref()
+        .map(PathBuf::from)
+        .or_else(|| TLS_DIR.get().cloned().flatten());
+    if !u.tls && dir.is_none() {
+        return Ok(None);
+    }
+    let unsupported = |what: &str| io::Error::new(io::ErrorKind::Unsupported, what.to_owned());
+    match u.tls_type.as_deref() {
+        None | Some("x509") => {}
+        Some(t) => {
+            return Err(unsupported(&format!(
+                "tls-type={t} is not supported: this client does TLS with X.509 certificates only"
+            )))
+        }
+    }
+    if u.unknown_params.iter().any(|(k, _)| k == "tls-psk-file") {
+        return Err(unsupported(
+            "tls-psk-file is not supported: this client does TLS with X.509 certificates only",
+        ));
+    }
+    let verify = u.tls_verify_peer.unwrap_or(true);
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+    if verify && dir.is_none() {
+        return Err(invalid(
+            "TLS needs the certificate authority that signed the server's certificate: add \
+             tls-certificates=DIR to the URI or pass --tls-certificates DIR (DIR/ca-cert.pem)",
+        ));
+    }
+    if verify && u.tls_hostname.is_none() && matches!(u.transport, Transport::Unix { .. }) {
+        return Err(invalid(
+            "TLS over a Unix socket needs tls-hostname=NAME in the URI, the name the \
+             server's certificate must carry (or tls-verify-peer=false)",
+        ));
+    }
+    let connector = tls::Connector::new(dir.as_deref(), verify).map_err(|e| invalid(&e))?;
+    Ok(Some(Arc::new(connector)))
+}
+
+/// An error for an option the server refused, saying so plainly when it wants TLS.
+fn refused(text: String) -> io::Error {
+    if text.contains("NBD_REP_ERR_TLS_REQD") {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the server requires TLS ({text})"),
+        )
+    } else {
+        io::Error::other(text)
+    }
+}
+
 fn manual(uri: &str) -> io::Result<Nbd> {
     let mut cfg = ClientConfig::default();
     cfg.manual = true;
-    BlockingClient::connect_with(uri, cfg)
+    connect(uri, cfg)
 }
 
 /// Manual mode up to (but not including) GO: extended headers or structured replies, and
@@ -243,8 +404,7 @@ fn flag_names(f: TransmissionFlags) -> Vec<&'static str> {
 }
 
 fn info(uri: &str, json: bool) -> io::Result<()> {
-    let parsed = nbd_proto::uri::NbdUri::parse(uri)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let parsed = parse_uri(uri)?;
     let mut c = manual(uri)?;
     let hs = c.machine().handshake_flags();
     let protocol = if c.machine().state() == nbd_proto::client::State::Ready {
@@ -262,9 +422,10 @@ fn info(uri: &str, json: bool) -> io::Result<()> {
         } else {
             c.opt(|m| m.opt_export_name(&export))?
         };
-        r.map_err(io::Error::other)?;
+        r.map_err(refused)?;
     }
     let m = c.machine();
+    let tls = m.tls_active();
     let d = c.details().clone();
     let size = c.size();
     let flags = c.flags();
@@ -279,6 +440,7 @@ fn info(uri: &str, json: bool) -> io::Result<()> {
     if json {
         let mut out = String::from("{\n");
         out.push_str(&format!("  \"protocol\": {},\n", json_str(protocol)));
+        out.push_str(&format!("  \"TLS\": {tls},\n"));
         out.push_str(&format!("  \"transaction\": {},\n", json_str(transaction)));
         out.push_str(&format!(
             "  \"export-name\": {},\n",
@@ -309,7 +471,8 @@ fn info(uri: &str, json: bool) -> io::Result<()> {
         out.push_str(&format!("  \"contexts\": [{}]\n}}", ctx.join(", ")));
         println!("{out}");
     } else {
-        println!("protocol: {protocol}, using {transaction}");
+        let with = if tls { "with" } else { "without" };
+        println!("protocol: {protocol} {with} TLS, using {transaction}");
         println!("export={}:", json_str(&parsed.export));
         if let Some(n) = &d.canonical_name {
             println!("\tcanonical-name: {n}");
@@ -346,7 +509,7 @@ fn list(uri: &str, json: bool) -> io::Result<()> {
             "the server cannot list exports (not fixed newstyle)",
         ));
     }
-    c.opt(|m| m.opt_list())?.map_err(io::Error::other)?;
+    c.opt(|m| m.opt_list())?.map_err(refused)?;
     let mut exports = c.exports().to_vec();
     for e in &mut exports {
         let name = e.name.clone();
@@ -465,7 +628,7 @@ fn map(uri: &str, context: &str, json: bool) -> io::Result<()> {
     let mut cfg = ClientConfig::default();
     let queries = [context];
     cfg.meta_contexts = &queries;
-    let mut c = BlockingClient::connect_with(uri, cfg)?;
+    let mut c = connect(uri, cfg)?;
     let Some((id, _)) = c.contexts().into_iter().find(|(_, n)| *n == context) else {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -494,13 +657,15 @@ fn map(uri: &str, context: &str, json: bool) -> io::Result<()> {
             ));
         }
     }
-    io::stdout().write_all(out.as_bytes())
+    io::stdout()
+        .write_all(out.as_bytes())
+        .map_err(StdoutClosed::mark)
 }
 
 // ---------------------------------------------------------------- read and write
 
 fn read(uri: &str, offset: u64, len: u64) -> io::Result<()> {
-    let mut c = BlockingClient::connect(uri)?;
+    let mut c = connect(uri, ClientConfig::default())?;
     let step = 4 << 20;
     let mut buf = vec![0u8; step];
     let mut out = io::stdout().lock();
@@ -508,15 +673,15 @@ fn read(uri: &str, offset: u64, len: u64) -> io::Result<()> {
     while at < len {
         let n = (len - at).min(step as u64) as usize;
         c.read_at(&mut buf[..n], offset + at)?;
-        out.write_all(&buf[..n])?;
+        out.write_all(&buf[..n]).map_err(StdoutClosed::mark)?;
         at += n as u64;
     }
-    out.flush()?;
+    out.flush().map_err(StdoutClosed::mark)?;
     c.disconnect()
 }
 
 fn write(uri: &str, offset: u64) -> io::Result<()> {
-    let mut c = BlockingClient::connect(uri)?;
+    let mut c = connect(uri, ClientConfig::default())?;
     let mut buf = vec![0u8; 4 << 20];
     let mut stdin = io::stdin().lock();
     let mut at = offset;
@@ -585,7 +750,7 @@ fn open_src(s: &str, allocation: bool) -> io::Result<Src> {
         if allocation {
             cfg.meta_contexts = &q;
         }
-        Ok(Src::Nbd(Box::new(BlockingClient::connect_with(s, cfg)?)))
+        Ok(Src::Nbd(Box::new(connect(s, cfg)?)))
     } else {
         File::open(s)
             .map(Src::File)
@@ -597,7 +762,7 @@ fn open_dst(s: &str, truncate_to: Option<u64>) -> io::Result<Dst> {
     if s == "-" {
         Ok(Dst::Stdout(io::stdout()))
     } else if is_uri(s) {
-        Ok(Dst::Nbd(Box::new(BlockingClient::connect(s)?)))
+        Ok(Dst::Nbd(Box::new(connect(s, ClientConfig::default())?)))
     } else {
         let f = OpenOptions::new()
             .write(true)
@@ -944,7 +1109,7 @@ fn put(
             Ok(())
         }
         Dst::File(f) => f.write_all_at(data, offset),
-        Dst::Stdout(s) => s.lock().write_all(data),
+        Dst::Stdout(s) => s.lock().write_all(data).map_err(StdoutClosed::mark),
     }
 }
 
@@ -979,7 +1144,10 @@ fn write_zeroes(dst: &mut Dst, offset: u64, len: u64, fresh_file: bool) -> io::R
                         c.write_at(&zeroes[..n], at, CmdFlags::empty())?
                     }
                     Dst::File(f) => f.write_all_at(&zeroes[..n], at)?,
-                    Dst::Stdout(s) => s.lock().write_all(&zeroes[..n])?,
+                    Dst::Stdout(s) => s
+                        .lock()
+                        .write_all(&zeroes[..n])
+                        .map_err(StdoutClosed::mark)?,
                 }
                 at += n as u64;
             }
@@ -1003,6 +1171,189 @@ fn finish(dst: Dst) -> io::Result<()> {
             c.disconnect()
         }
         Dst::File(f) => f.sync_data(),
-        Dst::Stdout(s) => s.lock().flush(),
+        Dst::Stdout(s) => s.lock().flush().map_err(StdoutClosed::mark),
+    }
+}
+
+/// TLS with rustls (ring): the example's side of the [`TlsConnector`] hand-off.
+mod tls {
+    use std::io::{self, Read, Write};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use nbd_proto::blocking::client::Stream;
+    use nbd_proto::blocking::TlsConnector;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+    use rustls::{
+        ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+        StreamOwned,
+    };
+
+    pub struct Connector {
+        config: Arc<ClientConfig>,
+        verify: bool,
+    }
+
+    impl Connector {
+        /// Trusts `DIR/ca-cert.pem` (unless `verify` is off) and presents
+        /// `DIR/client-cert.pem` with `DIR/client-key.pem` if both exist.
+        pub fn new(dir: Option<&Path>, verify: bool) -> Result<Self, String> {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let builder = ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS configuration: {e}"))?;
+            let builder = if verify {
+                let dir = dir.ok_or("TLS needs a certificate directory")?;
+                let ca = dir.join("ca-cert.pem");
+                let mut roots = RootCertStore::empty();
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca)
+                    .and_then(|i| i.collect())
+                    .map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+                for cert in certs {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("{}: {e}", ca.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!("{}: no certificate", ca.display()));
+                }
+                builder.with_root_certificates(roots)
+            } else {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            };
+            let client_cert = dir.map(|d| (d.join("client-cert.pem"), d.join("client-key.pem")));
+            let config = match client_cert {
+                Some((cert, key)) if cert.exists() && key.exists() => {
+                    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+                        .and_then(|i| i.collect())
+                        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
+                    let key = PrivateKeyDer::from_pem_file(&key)
+                        .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+                    builder
+                        .with_client_auth_cert(certs, key)
+                        .map_err(|e| format!("{}: {e}", cert.display()))?
+                }
+                _ => builder.with_no_client_auth(),
+            };
+            Ok(Self {
+                config: Arc::new(config),
+                verify,
+            })
+        }
+    }
+
+    impl TlsConnector for Connector {
+        fn connect(
+            &self,
+            mut stream: Box<dyn Stream>,
+            server_name: Option<&str>,
+        ) -> io::Result<Box<dyn Stream>> {
+            let name = match (server_name, self.verify) {
+                (Some(n), _) => n,
+                // Nothing is checked: any name will do for the handshake.
+                (None, false) => "localhost",
+                (None, true) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "no server name to check the certificate against (tls-hostname=)",
+                    ))
+                }
+            };
+            let name = ServerName::try_from(name.to_owned()).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?}: {e}"))
+            })?;
+            let mut conn =
+                ClientConnection::new(self.config.clone(), name).map_err(io::Error::other)?;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut stream)?;
+            }
+            Ok(Box::new(Session(StreamOwned::new(conn, stream))))
+        }
+    }
+
+    /// A TLS session that says goodbye (`close_notify`) when dropped.
+    struct Session(StreamOwned<ClientConnection, Box<dyn Stream>>);
+
+    impl Read for Session {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Session {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    impl Drop for Session {
+        fn drop(&mut self) {
+            self.0.conn.send_close_notify();
+            // Best effort, and never a read: the server may be gone already.
+            while self.0.conn.wants_write() {
+                match self.0.conn.write_tls(&mut self.0.sock) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// `tls-verify-peer=false`: any certificate is accepted, but the handshake signatures
+    /// are still checked (the session is encrypted, just not authenticated).
+    #[derive(Debug)]
+    struct NoVerification(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for NoVerification {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
     }
 }

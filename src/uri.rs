@@ -10,8 +10,9 @@
 //! The export name is the path without its single leading `/`, percent-decoded
 //! (`nbd://h//disk` names `/disk`; `nbd://h` and `nbd://h/` the default export). IPv6
 //! literals go in brackets; the port defaults to 10809. Query parameters the spec defines
-//! (`socket`, `tls-type`, `tls-hostname`, `tls-verify-peer`) are decoded; any other one is
-//! kept in [`NbdUri::unknown_params`] for the caller to report, as the spec asks.
+//! (`socket`, `tls-type`, `tls-hostname`, `tls-verify-peer`) and libnbd's
+//! `tls-certificates` are decoded; any other one is kept in [`NbdUri::unknown_params`] for
+//! the caller to report, as the spec asks.
 
 use core::fmt;
 use std::borrow::ToOwned;
@@ -57,6 +58,9 @@ pub struct NbdUri {
     pub tls_hostname: Option<String>,
     /// `tls-verify-peer`: `Some(false)` for `0`, `Some(true)` for `1`.
     pub tls_verify_peer: Option<bool>,
+    /// `tls-certificates` (libnbd's parameter): a directory with `ca-cert.pem` to trust, and
+    /// optionally `client-cert.pem` and `client-key.pem` to present.
+    pub tls_certificates: Option<String>,
     /// Query parameters this parser does not know (decoded), in order: report them.
     pub unknown_params: Vec<(String, String)>,
 }
@@ -124,6 +128,7 @@ impl NbdUri {
             tls_type: None,
             tls_hostname: None,
             tls_verify_peer: None,
+            tls_certificates: None,
             unknown_params: Vec::new(),
         };
         let mut socket = None;
@@ -134,6 +139,7 @@ impl NbdUri {
                 "socket" => socket = Some(v),
                 "tls-type" => out.tls_type = Some(v),
                 "tls-hostname" => out.tls_hostname = Some(v),
+                "tls-certificates" => out.tls_certificates = Some(v),
                 "tls-verify-peer" => {
                     out.tls_verify_peer = Some(match v.as_str() {
                         "0" | "false" => false,
@@ -272,6 +278,13 @@ mod tests {
             NbdUri::parse("nbd+unix:///disk"),
             Err(UriError::MissingSocket)
         );
+        let u = NbdUri::parse(
+            "nbds+unix:///?socket=/s&tls-certificates=/etc/pki/my%20nbd&tls-hostname=localhost",
+        )
+        .unwrap();
+        assert_eq!(u.tls_certificates.as_deref(), Some("/etc/pki/my nbd"));
+        assert_eq!(u.tls_hostname.as_deref(), Some("localhost"));
+        assert!(u.unknown_params.is_empty());
     }
 
     #[test]
@@ -279,6 +292,7 @@ mod tests {
         let u = NbdUri::parse("nbd://h/?tls-hostname=srv&tls-verify-peer=0&x-foo=b%26r&socket=/s")
             .unwrap();
         assert_eq!(u.tls_hostname.as_deref(), Some("srv"));
+        assert_eq!(u.tls_certificates, None);
         assert_eq!(u.tls_verify_peer, Some(false));
         assert_eq!(
             u.unknown_params,

@@ -606,11 +606,11 @@ fn tls_policies_against_nbdkit_requiring_tls() {
     let e = BlockingClient::connect(&uri).unwrap_err();
     assert!(e.to_string().contains("requires TLS"), "{e}");
     assert!(e.to_string().contains("NBD_REP_ERR_TLS_REQD"), "{e}");
-    // TLS required: the server acknowledges STARTTLS and the machine hands over; this
-    // driver has no TLS, so it stops there with a clear error.
+    // TLS required without a connector: refused before connecting (TLS itself, with
+    // certificates, is tested in client_tls.rs).
     let mut cfg = ClientConfig::default();
     cfg.tls = nbd_proto::TlsPolicy::Required;
     let e = BlockingClient::connect_with(&uri, cfg).unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::Unsupported, "{e}");
-    assert!(e.to_string().contains("STARTTLS"), "{e}");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("no TLS connector"), "{e}");
 }

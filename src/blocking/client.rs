@@ -20,18 +20,55 @@
 //! server's message; [`errno_of`] recovers the [`Errno`] (and [`Errno::to_host`] the host
 //! errno number). `raw_os_error()` is `None` on them: an `io::Error` cannot hold both an OS
 //! error number and a message, and the message is worth more.
+//!
+//! # TLS
+//!
+//! The library does no TLS itself: implement [`TlsConnector`] (the `nbd-client` example
+//! does it with rustls) and connect with [`connect_tls`](BlockingClient::connect_tls), or
+//! bring your own transport to [`new_tls`](BlockingClient::new_tls). Such a client runs
+//! over a boxed [`Stream`]. When the server accepts `NBD_OPT_STARTTLS`, the driver hands
+//! the plain stream and the server name to the connector, goes on over the encrypted
+//! stream it returns, and tells the machine ([`Client::tls_established`]); the
+//! negotiation then starts again under TLS, as the protocol requires.
+//!
+//! With [`connect_tls`](BlockingClient::connect_tls) the URI decides the policy:
+//!
+//! | URI | connector | [`TlsPolicy`] |
+//! |---|---|---|
+//! | `nbds://`, `nbds+unix://` | given | `Required`: TLS or an error, never plaintext |
+//! | `nbds://`, `nbds+unix://` | none | refused before connecting |
+//! | `nbd://`, `nbd+unix://` | given | `Optional`: TLS if the server accepts `STARTTLS`, else plaintext (the URI spec's "opportunistically TLS encrypted"; libnbd instead never tries TLS on `nbd:` URIs) |
+//! | `nbd://`, `nbd+unix://` | none | `Off`: a server that requires TLS ends the session with "the server requires TLS" |
+//!
+//! The server name handed to the connector is the URI's `tls-hostname=`, else its TCP
+//! host, else `None` (a Unix socket). The other TLS parameters of the URI
+//! ([`NbdUri::tls_certificates`], [`NbdUri::tls_verify_peer`], [`NbdUri::tls_type`]) are
+//! for whoever builds the connector: the driver does not read them.
+//!
+//! In manual mode ([`ClientConfig::manual`]) a client with a connector still runs
+//! `NBD_OPT_STARTTLS` by itself, as its policy says, before [`new_tls`](BlockingClient::new_tls)
+//! returns (libnbd's opt mode does the same), so the options the application sends are
+//! already encrypted. With [`TlsPolicy::Off`] the application may send `opt_starttls`
+//! itself through [`opt`](BlockingClient::opt); the connector is used all the same.
+//!
+//! A TLS peer that closes without `close_notify` (the stream's read fails with
+//! [`io::ErrorKind::UnexpectedEof`]) counts as an ordinary end of file: NBD's own framing
+//! tells a clean close from a truncated reply.
 
 use std::borrow::ToOwned;
+use std::boxed::Box;
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 #[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::prelude::v1::*;
+use std::sync::Arc;
 use std::vec;
 
+pub use super::Stream;
 use crate::client::{Client, ClientConfig, Event, State, MAX_OPTION_LEN};
-use crate::common::{Transmit, Want};
+use crate::common::{TlsPolicy, Transmit, Want};
 use crate::error::Error;
 use crate::uri::{NbdUri, Transport};
 use crate::wire::{BlockSize, CmdFlags, Cookie, Errno, Extent, Info, TransmissionFlags};
@@ -107,6 +144,77 @@ impl Write for Socket {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Starts TLS as a client, after the server accepted `NBD_OPT_STARTTLS`: the client side of
+/// [`server::TlsAcceptor`](super::server::TlsAcceptor).
+///
+/// The library stays free of TLS dependencies; the `nbd-client` example implements this
+/// with rustls.
+pub trait TlsConnector: Send + Sync {
+    /// Performs the TLS handshake over `stream` and returns the encrypted stream.
+    ///
+    /// `server_name` is the name to check the server's certificate against: the URI's
+    /// `tls-hostname=`, else its TCP host; `None` for a Unix socket without
+    /// `tls-hostname=`, where a connector that verifies names should fail. Any error ends
+    /// the connection.
+    fn connect(
+        &self,
+        stream: Box<dyn Stream>,
+        server_name: Option<&str>,
+    ) -> io::Result<Box<dyn Stream>>;
+}
+
+impl<T: TlsConnector + ?Sized> TlsConnector for Arc<T> {
+    fn connect(
+        &self,
+        stream: Box<dyn Stream>,
+        server_name: Option<&str>,
+    ) -> io::Result<Box<dyn Stream>> {
+        (**self).connect(stream, server_name)
+    }
+}
+
+/// Turns the transport into TLS in place (the driver's view of a [`TlsConnector`]).
+type Upgrade<S> = Box<dyn FnMut(&mut S) -> io::Result<()> + Send + Sync>;
+
+/// What stands in for the transport while the connector has it, and after it failed.
+struct Broken;
+
+impl Read for Broken {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(Broken::error())
+    }
+}
+
+impl Write for Broken {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(Broken::error())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Err(Broken::error())
+    }
+}
+
+impl Broken {
+    fn error() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the connection was lost in the TLS handshake",
+        )
+    }
+}
+
+/// The upgrade for a boxed stream: hands it to `tls`, keeps what comes back.
+fn upgrade_with(
+    tls: Arc<dyn TlsConnector>,
+    server_name: Option<String>,
+) -> Upgrade<Box<dyn Stream>> {
+    Box::new(move |stream: &mut Box<dyn Stream>| {
+        let plain = std::mem::replace(stream, Box::new(Broken));
+        *stream = tls.connect(plain, server_name.as_deref())?;
+        Ok(())
+    })
 }
 
 /// An NBD error for one command: the errno and the server's message.
@@ -241,13 +349,16 @@ pub struct BlockingClient<S = Socket, const N: usize = 64> {
     option_done: Option<Result<(), String>>,
     /// Commands abandoned when the connection ended or broke.
     abandoned: Vec<Cookie>,
+    /// Turns the transport into TLS after `NBD_OPT_STARTTLS` (none: no TLS).
+    upgrade: Option<Upgrade<S>>,
 }
 
-impl<S: fmt::Debug, const N: usize> fmt::Debug for BlockingClient<S, N> {
+impl<S, const N: usize> fmt::Debug for BlockingClient<S, N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlockingClient")
             .field("state", &self.client.state())
-            .field("stream", &self.stream)
+            .field("tls", &self.client.tls_active())
+            .field("in_flight", &self.client.in_flight_len())
             .finish_non_exhaustive()
     }
 }
@@ -258,38 +369,122 @@ fn misuse(e: Error) -> io::Error {
 
 impl BlockingClient {
     /// Connects to an NBD URI (TCP with `TCP_NODELAY`, or a Unix socket) and negotiates
-    /// with the default configuration. (For another in-flight bound `N`, open a
-    /// [`Socket`] and use [`BlockingClient::new`].)
+    /// with the default configuration, in plaintext. (For another in-flight bound `N`,
+    /// open a [`Socket`] and use [`BlockingClient::new`]; for TLS, see
+    /// [`connect_tls`](BlockingClient::connect_tls).)
     pub fn connect(uri: &str) -> io::Result<Self> {
         Self::connect_with(uri, ClientConfig::default())
     }
 
-    /// Connects to an NBD URI with `config` (its `export` is replaced by the URI's).
+    /// Connects to an NBD URI with `config` (its `export` is replaced by the URI's), in
+    /// plaintext: an `nbds://` URI, or a TLS policy other than `Off`, is refused before
+    /// connecting (use [`connect_tls`](BlockingClient::connect_tls)).
     pub fn connect_with(uri: &str, config: ClientConfig<'_>) -> io::Result<Self> {
-        let uri = NbdUri::parse(uri).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let uri = parse_uri(uri)?;
         if uri.tls {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "TLS (nbds://) is not supported by this client yet",
-            ));
+            return Err(no_connector("the URI requires TLS (nbds://)"));
         }
-        let stream = Socket::open(&uri).map_err(|e| {
-            let target = match &uri.transport {
-                Transport::Tcp { host, port } => std::format!("{host}:{port}"),
-                Transport::Unix { socket } => socket.clone(),
-            };
-            io::Error::new(e.kind(), std::format!("cannot connect to {target}: {e}"))
-        })?;
+        let stream = open(&uri)?;
         let mut config = config;
         config.export = &uri.export;
         Self::new(stream, &config)
     }
 }
 
+impl BlockingClient<Box<dyn Stream>> {
+    /// Connects to an NBD URI with `config` (its `export` is replaced by the URI's), ready
+    /// for TLS: the URI and `tls` set the policy as the [module docs](self#tls) say,
+    /// and `tls` encrypts the connection when the server accepts `NBD_OPT_STARTTLS`.
+    ///
+    /// Fails before connecting when TLS is required (`nbds://`, or
+    /// [`TlsPolicy::Required`] in `config`) and `tls` is `None`.
+    pub fn connect_tls(
+        uri: &str,
+        config: ClientConfig<'_>,
+        tls: Option<Arc<dyn TlsConnector>>,
+    ) -> io::Result<Self> {
+        let uri = parse_uri(uri)?;
+        let mut config = config;
+        config.export = &uri.export;
+        config.tls = match (&tls, uri.tls, config.tls) {
+            (None, true, _) => return Err(no_connector("the URI requires TLS (nbds://)")),
+            (None, false, TlsPolicy::Required) => {
+                return Err(no_connector("the TLS policy is Required"))
+            }
+            (None, false, _) => TlsPolicy::Off,
+            (Some(_), true, _) | (Some(_), false, TlsPolicy::Required) => TlsPolicy::Required,
+            (Some(_), false, _) => TlsPolicy::Optional,
+        };
+        let server_name = uri.tls_hostname.clone().or(match &uri.transport {
+            Transport::Tcp { host, .. } => Some(host.clone()),
+            _ => None,
+        });
+        let stream: Box<dyn Stream> = Box::new(open(&uri)?);
+        let upgrade = tls.map(|t| upgrade_with(t, server_name));
+        Self::start(stream, &config, upgrade)
+    }
+}
+
+impl<const N: usize> BlockingClient<Box<dyn Stream>, N> {
+    /// Runs the handshake over `stream` like [`new`](BlockingClient::new), handing the
+    /// stream to `tls` when the server accepts `NBD_OPT_STARTTLS` (as `config.tls` asks;
+    /// in manual mode too, see the [module docs](self#tls)). `server_name` goes to the
+    /// connector.
+    pub fn new_tls(
+        stream: Box<dyn Stream>,
+        config: &ClientConfig<'_>,
+        tls: Arc<dyn TlsConnector>,
+        server_name: Option<&str>,
+    ) -> io::Result<Self> {
+        let upgrade = upgrade_with(tls, server_name.map(str::to_owned));
+        Self::start(stream, config, Some(upgrade))
+    }
+}
+
+fn parse_uri(uri: &str) -> io::Result<NbdUri> {
+    NbdUri::parse(uri).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+fn no_connector(why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        std::format!("{why}, but no TLS connector was given"),
+    )
+}
+
+/// Opens the URI's transport, naming it in the error.
+fn open(uri: &NbdUri) -> io::Result<Socket> {
+    Socket::open(uri).map_err(|e| {
+        let target = match &uri.transport {
+            Transport::Tcp { host, port } => std::format!("{host}:{port}"),
+            Transport::Unix { socket } => socket.clone(),
+        };
+        io::Error::new(e.kind(), std::format!("cannot connect to {target}: {e}"))
+    })
+}
+
 impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
-    /// Runs the handshake over `stream`. In automatic mode this returns once the export is
-    /// open; in manual mode, after the greeting (then use [`opt`](Self::opt)).
+    /// Runs the handshake over `stream`, in plaintext. In automatic mode this returns once
+    /// the export is open; in manual mode, after the greeting (then use
+    /// [`opt`](Self::opt)).
+    ///
+    /// A TLS policy other than [`TlsPolicy::Off`] in automatic mode is refused before
+    /// any I/O: TLS needs a connector ([`new_tls`](BlockingClient::new_tls)).
     pub fn new(stream: S, config: &ClientConfig<'_>) -> io::Result<Self> {
+        if !config.manual && config.tls != TlsPolicy::Off {
+            return Err(no_connector(&std::format!(
+                "the TLS policy is {:?}",
+                config.tls
+            )));
+        }
+        Self::start(stream, config, None)
+    }
+
+    fn start(
+        stream: S,
+        config: &ClientConfig<'_>,
+        upgrade: Option<Upgrade<S>>,
+    ) -> io::Result<Self> {
         let mut this = Self {
             client: Client::new(config).map_err(misuse)?,
             stream,
@@ -305,9 +500,11 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
             messages: Vec::new(),
             option_done: None,
             abandoned: Vec::new(),
+            upgrade,
         };
         loop {
-            this.flush_out(None)?;
+            this.flush_out(None)
+                .map_err(|e| this.negotiation_error(e))?;
             match this.client.state() {
                 State::Ready => break,
                 State::Negotiating if config.manual && this.client.wants() == Want::Nothing => {
@@ -315,10 +512,49 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                 }
                 _ => {}
             }
-            this.step(&mut NoSink)?;
+            if let Err(e) = this.step(&mut NoSink) {
+                return Err(this.negotiation_error(e));
+            }
+        }
+        if config.manual && this.upgrade.is_some() {
+            this.manual_starttls(config.tls)?;
         }
         this.details.name = this.client.export_name().to_owned();
         Ok(this)
+    }
+
+    /// Manual mode with a connector: `NBD_OPT_STARTTLS` as `policy` says, before the
+    /// application's first option.
+    fn manual_starttls(&mut self, policy: TlsPolicy) -> io::Result<()> {
+        if policy == TlsPolicy::Off {
+            return Ok(());
+        }
+        let fixed = self.client.state() == State::Negotiating
+            && self
+                .client
+                .handshake_flags()
+                .contains(crate::wire::HandshakeFlags::FIXED_NEWSTYLE);
+        let why = if fixed {
+            match self.opt(|m| m.opt_starttls())? {
+                Ok(()) => return Ok(()),
+                Err(text) => std::format!("the server did not accept STARTTLS ({text})"),
+            }
+        } else {
+            "the server cannot negotiate it (oldstyle or not fixed newstyle)".to_owned()
+        };
+        if policy != TlsPolicy::Required {
+            return Ok(());
+        }
+        if fixed {
+            // A polite goodbye, not waited for (the automatic mode does the same).
+            if self.client.opt_abort().is_ok() {
+                let _ = self.flush_out(None);
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            std::format!("TLS is required but {why}"),
+        ))
     }
 
     /// The state machine (for its getters).
@@ -375,7 +611,8 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
         self.option_done = None;
         self.meta.retain(|_| false);
         loop {
-            self.flush_out(None)?;
+            self.flush_out(None)
+                .map_err(|e| self.negotiation_error(e))?;
             if let Some(r) = self.option_done.take() {
                 return Ok(r);
             }
@@ -383,7 +620,32 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                 State::Ready | State::Closed => return Ok(Ok(())),
                 _ => {}
             }
-            self.step(&mut NoSink)?;
+            if let Err(e) = self.step(&mut NoSink) {
+                return Err(self.negotiation_error(e));
+            }
+        }
+    }
+
+    /// A transport error during negotiation, explained when TLS is up: a server that
+    /// refuses the client's certificate (or has none) hangs up just after the handshake.
+    fn negotiation_error(&self, e: io::Error) -> io::Error {
+        let dropped = matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        );
+        if dropped && self.client.tls_active() {
+            io::Error::new(
+                e.kind(),
+                std::format!(
+                    "the server closed the TLS session during negotiation ({e}); servers \
+                     that check client certificates do so when they refuse one"
+                ),
+            )
+        } else {
+            e
         }
     }
 
@@ -678,7 +940,8 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
         if used > 0 {
             self.stream.write_all(&self.wbuf[..used])?;
         }
-        Ok(())
+        // A TLS stream may hold records back until flushed; a socket's flush does nothing.
+        self.stream.flush()
     }
 
     /// One step: moves a payload, or reads and handles at most one frame. Returns a
@@ -716,6 +979,9 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     let got = loop {
                         match self.stream.read(&mut self.rbuf[have..n]) {
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            // A TLS close without close_notify: an end of file like any
+                            // other (the machine knows whether a frame was cut short).
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(0),
                             r => break r,
                         }
                     };
@@ -756,6 +1022,9 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     return Err(io::Error::other("the client machine made no progress"));
                 }
                 self.rbuf.drain(..consumed);
+                if self.client.state() == State::StartTls {
+                    self.start_tls()?;
+                }
                 self.flush_out(None)?;
                 Ok(done)
             }
@@ -764,10 +1033,7 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     self.reap();
                     Err(self.error(self.client.error().unwrap_or(Error::Closed)))
                 }
-                State::StartTls => Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "the server accepted STARTTLS, but this client has no TLS",
-                )),
+                State::StartTls => self.start_tls().map(|()| None),
                 _ => Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "nothing to wait for",
@@ -778,6 +1044,44 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                 Err(io::Error::other("unexpected want from the client machine"))
             }
         }
+    }
+
+    /// After the server's `NBD_OPT_STARTTLS` acknowledgement: hands the transport to the
+    /// connector and tells the machine.
+    fn start_tls(&mut self) -> io::Result<()> {
+        if !self.rbuf.is_empty() {
+            // Plaintext after the acknowledgement: the machine refuses it.
+            let rbuf = std::mem::take(&mut self.rbuf);
+            let e = match self.client.handle_input(&rbuf) {
+                Err(e) => self.error(e),
+                Ok(_) => io::Error::other("plaintext data after the STARTTLS acknowledgement"),
+            };
+            self.reap();
+            return Err(e);
+        }
+        let Some(upgrade) = self.upgrade.as_mut() else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the server accepted STARTTLS, but this client has no TLS connector",
+            ));
+        };
+        upgrade(&mut self.stream).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                std::format!("TLS handshake with the server failed: {e}"),
+            )
+        })?;
+        self.client.tls_established().map_err(misuse)?;
+        // What the server said in plaintext is not to be trusted now (the machine forgets
+        // its side too).
+        self.exports.clear();
+        self.meta.clear();
+        self.refusal = None;
+        self.details = ExportDetails {
+            name: std::mem::take(&mut self.details.name),
+            ..ExportDetails::default()
+        };
+        Ok(())
     }
 
     fn handle(

@@ -6,8 +6,22 @@
 //!   `submit_*`/`complete` for many requests in flight.
 //! - [`server`]: [`server::serve`] runs one connection over any `Read + Write` on a
 //!   [`server::Backend`].
+//!
+//! Neither does TLS itself: after `NBD_OPT_STARTTLS` they hand the boxed [`Stream`] to a
+//! [`client::TlsConnector`] or [`server::TlsAcceptor`] that the application implements
+//! (the examples do it with rustls), so the library has no TLS dependency.
+
+use std::io::{Read, Write};
 
 pub mod client;
 pub mod server;
 
-pub use self::client::{errno_of, BlockingClient, CommandError, Completion, NoSink, Sink, Socket};
+pub use self::client::{
+    errno_of, BlockingClient, CommandError, Completion, NoSink, Sink, Socket, TlsConnector,
+};
+
+/// A byte stream a driver can run over, boxed so that TLS can replace it: the plain socket
+/// before `NBD_OPT_STARTTLS`, the encrypted session after (see [`client::TlsConnector`]
+/// and [`server::TlsAcceptor`]).
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}

@@ -264,9 +264,7 @@ impl Options {
     }
 }
 
-/// A byte stream the server can run over.
-pub trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
+pub use super::Stream;
 
 /// Starts TLS as a server on a stream, after the machine accepted `NBD_OPT_STARTTLS`.
 pub trait TlsAcceptor: Send + Sync {
