@@ -6,75 +6,10 @@
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use support::{example_binary, pattern, require, run, Peer, Spawned, TestDir};
-
-/// Certificates for one test: `server/` holds what nbdkit's `--tls-certificates` reads
-/// (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, for `localhost` and 127.0.0.1);
-/// `client/` holds what the client's `tls-certificates=` reads (`ca-cert.pem`, and with
-/// `client_cert` a `client-cert.pem` and `client-key.pem` signed by the same CA);
-/// `other/` holds a CA that signed nothing here.
-struct Pki {
-    server: PathBuf,
-    client: PathBuf,
-    other: PathBuf,
-}
-
-fn make_pki(dir: &TestDir, client_cert: bool) -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let ca = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.distinguished_name.push(DnType::CommonName, name);
-        let cert = p.self_signed(&key).unwrap();
-        (cert, key)
-    };
-    let (ca_cert, ca_key) = ca("nbd-proto client TLS test CA");
-    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![usage];
-        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let pki = Pki {
-        server: dir.join("server"),
-        client: dir.join("client"),
-        other: dir.join("other"),
-    };
-    for d in [&pki.server, &pki.client, &pki.other] {
-        fs::create_dir(d).unwrap();
-    }
-    let (cert, key) = leaf(
-        vec!["localhost".into(), "127.0.0.1".into()],
-        "localhost",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    fs::write(pki.server.join("ca-cert.pem"), ca_cert.pem()).unwrap();
-    fs::write(pki.server.join("server-cert.pem"), cert).unwrap();
-    fs::write(pki.server.join("server-key.pem"), key).unwrap();
-    fs::write(pki.client.join("ca-cert.pem"), ca_cert.pem()).unwrap();
-    if client_cert {
-        let (cert, key) = leaf(vec![], "nbd-client", ExtendedKeyUsagePurpose::ClientAuth);
-        fs::write(pki.client.join("client-cert.pem"), cert).unwrap();
-        fs::write(pki.client.join("client-key.pem"), key).unwrap();
-    }
-    let (other_cert, _) = ca("a CA that signed nothing here");
-    fs::write(pki.other.join("ca-cert.pem"), other_cert.pem()).unwrap();
-    pki
-}
+use support::{example_binary, make_pki, pattern, require, run, Peer, Spawned, TestDir};
 
 fn client(args: &[&str]) -> Output {
     run(Command::new(example_binary("nbd-client")).args(args))

@@ -7,35 +7,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{example_binary, require, run, Spawned, TestDir};
-
-/// Writes `ca-cert.pem`, `server-cert.pem` and `server-key.pem` (for `localhost` and
-/// 127.0.0.1) into `dir`: the layout both libnbd's `tls-certificates=` and QEMU's
-/// `tls-creds-x509` read.
-fn make_pki(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "nbd-proto test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "localhost");
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
-    std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
-}
+use support::{example_binary, make_pki, require, run, Spawned, TestDir};
 
 fn tls_server(dir: &TestDir, pki: &Path, extra: &[&str]) -> (Spawned, String) {
     let sock = dir.join("tls.sock");
@@ -58,9 +30,7 @@ fn nbdinfo_over_tls_and_plaintext_refused() {
         return;
     }
     let dir = TestDir::named("tls_nbdinfo");
-    let pki = dir.join("pki");
-    std::fs::create_dir(&pki).unwrap();
-    make_pki(&pki);
+    let pki = make_pki(&dir, false).server;
     let (_server, sock) = tls_server(&dir, &pki, &[]);
 
     let uri = format!(
@@ -88,9 +58,7 @@ fn qemu_img_over_tls_reads_back_what_it_wrote() {
         return;
     }
     let dir = TestDir::named("tls_qemu");
-    let pki = dir.join("pki");
-    std::fs::create_dir(&pki).unwrap();
-    make_pki(&pki);
+    let pki = make_pki(&dir, false).server;
     let (_server, sock) = tls_server(&dir, &pki, &[]);
     let object = format!(
         "tls-creds-x509,id=tls0,dir={},endpoint=client",
@@ -126,9 +94,7 @@ fn optional_tls_serves_plain_clients_but_hides_tls_only_exports() {
         return;
     }
     let dir = TestDir::named("tls_optional");
-    let pki = dir.join("pki");
-    std::fs::create_dir(&pki).unwrap();
-    make_pki(&pki);
+    let pki = make_pki(&dir, false).server;
     let (_server, sock) = tls_server(
         &dir,
         &pki,
