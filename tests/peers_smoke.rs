@@ -180,8 +180,16 @@ fn peer_drop_stops_the_server_and_removes_its_dir() {
         p.stop();
         assert!(!support::process_alive(pid), "pid {pid} survived drop");
         assert!(!pdir.exists(), "{} not removed", pdir.display());
-        assert!(!addr.is_listening(), "{addr} still listening");
+        // A TCP port, once free, may be taken at once by anything else on the machine:
+        // only a Unix socket path says for sure that this server stopped listening.
+        if p_is_unix(&addr) {
+            assert!(!addr.is_listening(), "{addr} still listening");
+        }
     }
+}
+
+fn p_is_unix(addr: &support::Addr) -> bool {
+    matches!(addr, support::Addr::Unix(_))
 }
 
 #[test]
