@@ -44,6 +44,8 @@
 //! [`ServerConfig::max_option_len`] + 16 bytes during negotiation, and 32 + 8 + 4 ×
 //! [`MAX_CONTEXTS`] bytes in transmission.
 
+#[cfg(feature = "adversarial")]
+mod adversary;
 mod meta;
 mod output;
 
@@ -51,8 +53,12 @@ use core::fmt::{self, Write as _};
 
 use arrayvec::ArrayVec;
 
+#[cfg(feature = "adversarial")]
+pub use self::adversary::ServerAdversary;
 pub use self::meta::{any_matches, query_matches};
 use self::output::Output;
+#[cfg(feature = "adversarial")]
+use crate::adversarial::ServerChecks;
 use crate::common::{Handled, TlsPolicy, Transmit, Want};
 use crate::error::{Error, Incompatible, Misbehavior, Misuse};
 use crate::wire::chunk::{BlockStatusHeader, ErrorChunk, OffsetDataHeader, OffsetHole};
@@ -402,6 +408,9 @@ pub struct Server<const N: usize = 64, const B: usize = 65536> {
     export: Export,
     owed: ArrayVec<Owed, N>,
     shutting_down: bool,
+    /// Adversarial mode: the checks on replies switched off.
+    #[cfg(feature = "adversarial")]
+    relaxed: ServerChecks,
 }
 
 impl<const N: usize, const B: usize> Server<N, B> {
@@ -470,6 +479,8 @@ impl<const N: usize, const B: usize> Server<N, B> {
             },
             owed: ArrayVec::new(),
             shutting_down: false,
+            #[cfg(feature = "adversarial")]
+            relaxed: ServerChecks::empty(),
         }
     }
 
