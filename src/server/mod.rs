@@ -328,6 +328,8 @@ enum Input {
         offset: u64,
         left: u64,
     },
+    /// `NBD_CMD_DISC` was received: the client may send nothing more.
+    Disconnected,
     /// Nothing more is accepted.
     Done,
 }
@@ -581,7 +583,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
             Input::ClientFlags => Want::Bytes(ClientFlags::LEN),
             Input::Option => Want::Bytes(self.need.max(OptHeader::LEN)),
             Input::Discard { left, .. } => Want::Discard { len: clamp(left) },
-            Input::AwaitTls | Input::Done => Want::Nothing,
+            Input::AwaitTls | Input::Disconnected | Input::Done => Want::Nothing,
             Input::Request => {
                 if self.owed.is_full() || !self.has_reply_room() {
                     Want::Nothing
@@ -629,11 +631,15 @@ impl<const N: usize, const B: usize> Server<N, B> {
                     Err(Misbehavior::DataAfterStartTls.into())
                 }
             }
-            Input::Done => {
+            // proto.md: the client MUST NOT send anything after NBD_CMD_DISC, whether or
+            // not the server is still finishing replies (test: hostile_client.rs,
+            // data_after_disconnect).
+            Input::Disconnected if !input.is_empty() => {
+                Err(Misbehavior::DataAfterDisconnect.into())
+            }
+            Input::Disconnected | Input::Done => {
                 if input.is_empty() {
                     Ok(Handled::none())
-                } else if self.state == State::Disconnecting {
-                    Err(Misbehavior::DataAfterDisconnect.into())
                 } else {
                     Err(Error::Closed)
                 }

@@ -50,7 +50,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
         }
         if req.command == Command::Disc {
             // proto.md: finish what is in flight, then close; no reply to DISC itself.
-            self.input = Input::Done;
+            self.input = Input::Disconnected;
             self.state = if self.owed.is_empty() && self.out.is_empty() {
                 State::Closed
             } else {
