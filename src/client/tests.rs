@@ -2286,9 +2286,10 @@ fn script() -> (Vec<u8>, Vec<(u64, u32)>) {
     s.extend(bs(Some(0), false, 3, 2, true, &many));
     s.extend(data(Some(0), false, 1, 0, &[1; 2048]));
     s.extend(none(Some(0), 2));
-    s.extend(err_chunk(Some(8192), false, 4, 5, "bad sector", Some(8252)));
+    s.extend(data(Some(8192), false, 4, 8252, &[5; 40]));
     s.extend(bs(Some(0), true, 3, 0, true, &[(SIZE, 0)]));
-    s.extend(data(Some(8192), true, 4, 8252, &[5; 40]));
+    // proto.md: content and an error at the same offset come content first.
+    s.extend(err_chunk(Some(8192), true, 4, 5, "bad sector", Some(8252)));
     s.extend(none(Some(0), 1));
     (s, vec![(0, 4096), (8192, 100)])
 }

@@ -710,6 +710,13 @@ impl<const N: usize> Client<N> {
                 }
                 if let Some(e) = self.table.sent_mut(cookie) {
                     e.error.get_or_insert(chunk.error);
+                    // proto.md: later content chunks must not cover this offset (test:
+                    // hostile_server.rs, content_over_an_earlier_error_offset).
+                    if let (Track::Read(t), Some(o)) = (&mut e.track, offset) {
+                        if let Ok(at) = u32::try_from(o - e.offset) {
+                            t.add_error(at);
+                        }
+                    }
                 }
                 if done {
                     self.deferred = Some(self.complete(cookie)?);
