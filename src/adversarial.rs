@@ -45,6 +45,12 @@
 //! cookie; use `relax` or `command` for illegal requests whose replies should be
 //! checked and delivered as usual.
 //!
+//! Memory stays fixed: the client keeps injected bytes in a buffer of
+//! [`INJECT_CAPACITY`](crate::client::INJECT_CAPACITY) bytes (32 injections at most)
+//! until `poll_transmit` hands them out, the server queues them in its ordinary output
+//! buffer (`B` bytes). A full buffer is [`Misuse::TransmitPending`](crate::Misuse):
+//! drain, then inject again. Injections still queued when the session closes are dropped.
+//!
 //! | hostile behaviour | how |
 //! | --- | --- |
 //! | garbage, bad magic, unknown codes | `inject(&Message::Raw(..))`, `Message::Opt(Opt::Unknown { .. })`, `Message::Request { .. }` with `Command::Unknown(_)` |
@@ -297,6 +303,8 @@ impl Message<'_> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::wire::{ChunkType, CmdFlags, Command, Cookie, ReplyFlags};
 
@@ -355,6 +363,134 @@ mod tests {
             Message::Raw(b"abcd").emit(&mut short),
             Err(wire::Error::BufferTooSmall { required: 4 })
         );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Read(u64, u16),
+        Write(u64, u16),
+        Command(u16, u16, u64, u64),
+        Relax(u16),
+        Enforce(u16),
+        Inject(Vec<u8>),
+        InjectTruncated(Vec<u8>, usize),
+        ServerRelax(u16),
+        ServerInject(Vec<u8>),
+        ServerHangUp,
+        /// A read piece for the first held read, anywhere.
+        Piece(u64, u32, bool),
+        /// An error at any offset for the first held request.
+        ErrorAt(u64),
+        Release,
+        Drive,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let offset = prop_oneof![0u64..(2 << 20), Just(u64::MAX - 100)];
+        let bytes = proptest::collection::vec(any::<u8>(), 0..80);
+        prop_oneof![
+            (offset.clone(), any::<u16>()).prop_map(|(o, l)| Op::Read(o, l)),
+            (offset.clone(), any::<u16>()).prop_map(|(o, l)| Op::Write(o, l)),
+            (0u16..10, any::<u16>(), offset, 0u64..(1 << 20))
+                .prop_map(|(c, f, o, l)| Op::Command(c, f, o, l)),
+            any::<u16>().prop_map(Op::Relax),
+            any::<u16>().prop_map(Op::Enforce),
+            bytes.clone().prop_map(Op::Inject),
+            (bytes.clone(), 0usize..100).prop_map(|(b, n)| Op::InjectTruncated(b, n)),
+            any::<u16>().prop_map(Op::ServerRelax),
+            bytes.prop_map(Op::ServerInject),
+            Just(Op::ServerHangUp),
+            (0u64..(1 << 20), 0u32..70_000, any::<bool>()).prop_map(|(o, l, h)| Op::Piece(o, l, h)),
+            prop_oneof![0u64..(1 << 20), Just(u64::MAX)].prop_map(Op::ErrorAt),
+            Just(Op::Release),
+            Just(Op::Drive),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the adversary does on either side, neither machine panics, the
+        /// pair settles, and a machine that died stays dead with the same error.
+        #[test]
+        fn adversarial_sessions_never_panic(
+            ops in proptest::collection::vec(op(), 0..25),
+            form in 0u8..3,
+            held in any::<bool>(),
+        ) {
+            use crate::client::ClientConfig;
+            use crate::server::ServerConfig;
+            use crate::testing::Pair;
+
+            let mut config = ClientConfig::new("");
+            config.structured_replies = form > 0;
+            config.extended_headers = form > 1;
+            config.meta_contexts = &["base:allocation"];
+            let mut p = Pair::new(&config, ServerConfig::default(), 1 << 20);
+            p.drive();
+            if held {
+                p.replies = crate::testing::Replies::Held;
+            }
+            for op in ops {
+                let _ = match op {
+                    Op::Read(o, l) => p.read(o, l.into(), CmdFlags::empty()).map(drop),
+                    Op::Write(o, l) => p.write(o, &std::vec![1; l.into()], CmdFlags::empty()).map(drop),
+                    Op::Command(c, f, o, l) => p
+                        .client
+                        .adversary()
+                        .command(Command::from(c), CmdFlags::from_bits(f), o, l)
+                        .map(drop),
+                    Op::Relax(c) => {
+                        p.client.adversary().relax(ClientChecks::from_bits(c));
+                        Ok(())
+                    }
+                    Op::Enforce(c) => {
+                        p.client.adversary().enforce(ClientChecks::from_bits(c));
+                        Ok(())
+                    }
+                    Op::Inject(b) => p.client.adversary().inject(&Message::Raw(&b)),
+                    Op::InjectTruncated(b, n) => {
+                        p.client.adversary().inject_truncated(&Message::Raw(&b), n)
+                    }
+                    Op::ServerRelax(c) => {
+                        p.server.adversary().relax(ServerChecks::from_bits(c));
+                        Ok(())
+                    }
+                    Op::ServerInject(b) => p.server.adversary().inject(&Message::Raw(&b)),
+                    Op::ServerHangUp => p.server.adversary().hang_up(),
+                    Op::Piece(o, l, hole) => {
+                        let read = p.held().iter().find(|r| r.command == Command::Read);
+                        match read.map(|r| r.cookie) {
+                            Some(c) if hole => p.server.reply_read_hole(c, o, l.into()),
+                            Some(c) => p.server.reply_read_data(c, o, l as usize),
+                            None => Ok(()),
+                        }
+                    }
+                    Op::ErrorAt(o) => match p.held().first().map(|r| r.cookie) {
+                        Some(c) => p.server.reply_error_at(c, crate::Errno::Io, "", o),
+                        None => Ok(()),
+                    },
+                    Op::Release => {
+                        p.release();
+                        Ok(())
+                    }
+                    Op::Drive => {
+                        p.drive();
+                        Ok(())
+                    }
+                };
+            }
+            p.drive();
+            if let Some(e) = p.client.error() {
+                proptest::prop_assert_eq!(p.client.handle_input(b"x").unwrap_err(), e);
+                let mut n = 0;
+                while p.client.poll_event().is_some() {
+                    n += 1;
+                    proptest::prop_assert!(n <= 64);
+                }
+            }
+            if let Some(e) = p.server.error() {
+                proptest::prop_assert_eq!(p.server.handle_input(b"x").unwrap_err(), e);
+            }
+        }
     }
 
     #[test]
