@@ -66,6 +66,8 @@ impl<const N: usize, const B: usize> ServerAdversary<'_, N, B> {
         s.close();
         s.owed.clear();
         s.pending = Pending::None;
+        // Nor a refusal still waiting for its payload to be discarded.
+        s.deferred = None;
         Ok(())
     }
 
