@@ -486,6 +486,9 @@ pub enum Misuse {
     OptionTooLarge(usize),
     /// The feature was not negotiated (structured replies, extended headers, contexts).
     NotNegotiated(&'static str),
+    /// Adversarial mode only (feature `adversarial`): an injected message of this many
+    /// bytes is larger than the machine can ever queue. Split it into several injections.
+    InjectionTooLarge(usize),
 }
 
 impl fmt::Display for Misuse {
@@ -518,6 +521,7 @@ impl fmt::Display for Misuse {
             Self::TransmitPending => f.write_str("queued output must be drained first"),
             Self::OptionTooLarge(n) => write!(f, "option data of {n} bytes is too large"),
             Self::NotNegotiated(what) => write!(f, "{what} was not negotiated"),
+            Self::InjectionTooLarge(n) => write!(f, "injected message of {n} bytes is too large"),
         }
     }
 }

@@ -70,6 +70,7 @@
 //! | --- | --- | --- |
 //! | `std` | yes | `std::io::Error` conversions and the blocking drivers in [`blocking`]; implies `alloc` |
 //! | `alloc` | via `std` | nothing the machines need: reserved for owned conveniences |
+//! | `adversarial` | no | test-only: the `adversarial` module, making either machine misbehave on purpose to test peers; changes nothing unless its API is called |
 //!
 //! With no features the crate is `#![no_std]` and needs no allocator: the codecs and both
 //! machines are complete without them.
@@ -97,6 +98,24 @@
 #[cfg(not(test))]
 extern crate no_std_compat as std;
 
+/// `enforced!(machine, CHECK)`: true unless adversarial mode switched `CHECK` off on
+/// `machine`. Without the `adversarial` feature it is the literal `true`, so a relaxable
+/// check written `if enforced!(self, X) && bad { .. }` compiles exactly as `if bad { .. }`.
+#[cfg(feature = "adversarial")]
+macro_rules! enforced {
+    ($machine:expr, $check:expr) => {
+        $machine.enforces($check)
+    };
+}
+#[cfg(not(feature = "adversarial"))]
+macro_rules! enforced {
+    ($machine:expr, $check:expr) => {
+        true
+    };
+}
+
+#[cfg(feature = "adversarial")]
+pub mod adversarial;
 #[cfg(feature = "std")]
 pub mod blocking;
 pub mod client;

@@ -135,6 +135,17 @@ impl Pair {
             .map(|(_, r)| *r)
     }
 
+    /// The requests held in [`Replies::Held`] mode, oldest first.
+    pub fn held(&self) -> &[Request] {
+        &self.held
+    }
+
+    /// Takes the held requests without answering them (a test then answers them itself,
+    /// say with the server's adversarial mode).
+    pub fn take_held(&mut self) -> Vec<Request> {
+        core::mem::take(&mut self.held)
+    }
+
     /// Answers every held request, last-first.
     pub fn release(&mut self) {
         while let Some(r) = self.held.pop() {
@@ -151,8 +162,9 @@ impl Pair {
             }
             let mut progress =
                 self.client_out() | self.server_out() | self.server_in() | self.client_in();
-            // The server closes the connection once it is done: the client sees the end.
-            if !progress && self.server.is_finished() && self.s2c.is_empty() && !self.eof_sent {
+            // The server closes the connection once it is done: the client sees the end
+            // (after every byte, even those of a frame the server cut short).
+            if !progress && self.server.is_finished() && !self.eof_sent {
                 self.eof_sent = true;
                 if let Err(e) = self.client.handle_eof() {
                     self.fail("client", e);
@@ -160,7 +172,8 @@ impl Pair {
                 progress = true;
             }
             if !progress {
-                return true;
+                // A machine may have failed in this very round.
+                return self.error.is_none();
             }
         }
         // invariant: every step moves at least one byte or event; a million rounds without
@@ -184,7 +197,9 @@ impl Pair {
                 Ok(Some(Transmit::Payload { cookie, len, .. })) => {
                     match self.writes.remove(&cookie) {
                         Some(data) if data.len() == len => self.c2s.extend_from_slice(&data),
-                        _ => panic!("the client asked for a payload it was not given"),
+                        Some(_) => panic!("the client asked for a payload of another length"),
+                        // A write queued behind the pair's back (the adversarial `command`).
+                        None => self.c2s.resize(self.c2s.len() + len, 0xee),
                     }
                 }
                 Ok(Some(t)) => panic!("unexpected client transmit {t:?}"),
@@ -205,8 +220,14 @@ impl Pair {
                 Ok(None) => return progress,
                 Ok(Some(Transmit::Bytes(n))) => self.s2c.extend_from_slice(&buf[..n]),
                 Ok(Some(Transmit::Payload { offset, len, .. })) => {
-                    let at = offset as usize;
-                    self.s2c.extend_from_slice(&self.disk[at..at + len]);
+                    // A server in adversarial mode may point past the disk: send zeroes.
+                    let range = usize::try_from(offset)
+                        .ok()
+                        .and_then(|at| Some(at..at.checked_add(len)?));
+                    match range.and_then(|r| self.disk.get(r)) {
+                        Some(data) => self.s2c.extend_from_slice(data),
+                        None => self.s2c.resize(self.s2c.len() + len, 0),
+                    }
                 }
                 Ok(Some(Transmit::Zeroes { len, .. })) => self.s2c.resize(self.s2c.len() + len, 0),
                 Err(e) => {

@@ -91,6 +91,10 @@ pub(crate) struct ReadTrack {
     covered: u64,
     /// Number of content chunks (saturating), for `NBD_CMD_FLAG_DF`.
     pub(crate) chunks: u32,
+    /// Offsets (relative to the request) of the first `nerrors` `ERROR_OFFSET` chunks:
+    /// proto.md forbids a later content chunk to cover them. Further ones are not kept.
+    errors: [u32; READ_FRAGMENTS],
+    nerrors: u8,
 }
 
 impl ReadTrack {
@@ -99,6 +103,12 @@ impl ReadTrack {
     pub(crate) fn add(&mut self, start: u32, len: u32, req_len: u64) -> Result<(), ()> {
         let end = start.checked_add(len).ok_or(())?;
         if !self.overflowed && self.used().iter().any(|&(s, e)| start < e && s < end) {
+            return Err(());
+        }
+        // proto.md: content must not overlap an earlier error chunk either (a content
+        // chunk and an error chunk at the same offset come content first).
+        let errors = self.errors.get(..usize::from(self.nerrors)).unwrap_or(&[]);
+        if errors.iter().any(|&o| start <= o && o < end) {
             return Err(());
         }
         self.covered = self.covered.saturating_add(len.into());
@@ -127,6 +137,14 @@ impl ReadTrack {
             None => self.overflowed = true,
         }
         Ok(())
+    }
+
+    /// Records an `NBD_REPLY_TYPE_ERROR_OFFSET` at `at` (relative to the request offset).
+    pub(crate) fn add_error(&mut self, at: u32) {
+        if let Some(slot) = self.errors.get_mut(usize::from(self.nerrors)) {
+            *slot = at;
+            self.nerrors += 1;
+        }
     }
 
     fn used(&self) -> &[(u32, u32)] {
@@ -247,6 +265,20 @@ mod tests {
         t.add(60, 40, 100).unwrap();
         assert_eq!(t.used(), &[(0, 100)]);
         assert!(t.complete(100));
+    }
+
+    #[test]
+    fn content_after_an_error_at_its_offset_overlaps() {
+        let mut t = ReadTrack::default();
+        // Content first, then an error inside it: allowed.
+        t.add(0, 10, 100).unwrap();
+        t.add_error(5);
+        // An error, then content covering it: not allowed.
+        t.add_error(50);
+        assert_eq!(t.add(40, 20, 100), Err(()));
+        assert_eq!(t.add(50, 1, 100), Err(()));
+        t.add(40, 10, 100).unwrap();
+        t.add(51, 49, 100).unwrap();
     }
 
     #[test]

@@ -132,6 +132,8 @@
 //! and queries, and no frame larger than [`MAX_FRAME_LEN`] is ever buffered whole
 //! (block-status chunks are streamed in batches of descriptors).
 
+#[cfg(feature = "adversarial")]
+mod adversary;
 mod inflight;
 mod negotiate;
 mod transmission;
@@ -148,6 +150,8 @@ use crate::wire::{
     OptReplyHeader, TransmissionFlags, MAX_STRING_LEN,
 };
 
+#[cfg(feature = "adversarial")]
+pub use self::adversary::{ClientAdversary, INJECT_CAPACITY};
 use self::inflight::Table;
 use self::negotiate::Nego;
 use self::transmission::Rx;
@@ -506,6 +510,9 @@ pub struct Client<const N: usize = 64> {
     partial: bool,
     /// An event owed without new input (at most one: it is taken before anything else).
     deferred: Option<Event<'static>>,
+    /// Adversarial mode: injected output and relaxed checks.
+    #[cfg(feature = "adversarial")]
+    adv: adversary::Adversary,
 }
 
 /// The configuration flags kept after `new` (the strings live in [`Strings`]).
@@ -550,6 +557,8 @@ impl<const N: usize> Client<N> {
             peek: None,
             partial: false,
             deferred: None,
+            #[cfg(feature = "adversarial")]
+            adv: adversary::Adversary::default(),
         })
     }
 
@@ -770,6 +779,11 @@ impl<const N: usize> Client<N> {
     /// message gives [`Error::BufferTooSmall`] and changes nothing; [`MAX_REQUEST_LEN`]
     /// bytes always suffice in transmission, [`MAX_OPTION_LEN`] in negotiation.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Result<Option<Transmit>, Error> {
+        // Adversarial mode: injected bytes that are due go before the next own message.
+        #[cfg(feature = "adversarial")]
+        if let Some(t) = self.poll_injected(out)? {
+            return Ok(Some(t));
+        }
         match self.phase {
             Phase::Greeting | Phase::StartTls => Ok(None),
             Phase::Negotiating | Phase::Dead(_) => self.transmit_negotiation(out),

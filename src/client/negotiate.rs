@@ -5,6 +5,8 @@
 use arrayvec::ArrayVec;
 
 use super::{Client, Event, ExportInfo, OptRefusal, Phase};
+#[cfg(feature = "adversarial")]
+use crate::adversarial::ClientChecks;
 use crate::common::{Handled, TlsPolicy, Transmit};
 use crate::error::{Error, Incompatible, Misbehavior, Misuse};
 use crate::wire::{
@@ -77,6 +79,12 @@ impl Nego {
             OptCode::ExportName => ExportNameReply::LONG_LEN,
             _ => OptReplyHeader::LEN,
         })
+    }
+
+    /// Messages queued and not sent yet: the client flags and the pending option.
+    #[cfg(feature = "adversarial")]
+    pub(crate) fn unsent_messages(&self) -> u64 {
+        u64::from(self.flags_out) + u64::from(self.pending.is_some_and(|p| !p.sent))
     }
 
     /// `NBD_OPT_ABORT` went out: end of file is now a clean end.
@@ -216,6 +224,9 @@ impl<const N: usize> Client<N> {
             || self.nego.abort_requested
         {
             return Err(Misuse::WrongState.into());
+        }
+        if !enforced!(self, ClientChecks::OPTIONS) {
+            return Ok(());
         }
         if !self.nego.fixed && !matches!(code, OptCode::ExportName | OptCode::Abort) {
             return Err(Misuse::NotNegotiated("fixed newstyle").into());
@@ -715,6 +726,13 @@ impl<const N: usize> Client<N> {
                 required: ClientFlags::LEN,
             })?;
             self.nego.flags_out = false;
+            #[cfg(feature = "adversarial")]
+            {
+                self.adv.note_sent();
+                if self.adv.due() {
+                    return Ok(Some(Transmit::Bytes(n)));
+                }
+            }
         }
         if let Some(p) = pending {
             // invariant: n <= out.len() (emit wrote n bytes into out).
@@ -724,6 +742,8 @@ impl<const N: usize> Client<N> {
                     if let Some(p) = self.nego.pending.as_mut() {
                         p.sent = true;
                     }
+                    #[cfg(feature = "adversarial")]
+                    self.adv.note_sent();
                 }
                 // The flags went out alone; the option follows on the next call.
                 Err(Error::BufferTooSmall { .. }) if n > 0 => {}

@@ -3,6 +3,8 @@
 
 use super::inflight::{InFlight, ReadTrack, Send, Track};
 use super::{Client, Event, Phase, MAX_CONTEXTS};
+#[cfg(feature = "adversarial")]
+use crate::adversarial::ClientChecks;
 use crate::common::{Handled, Transmit, Want};
 use crate::error::{Error, Misbehavior, Misuse};
 use crate::wire::{
@@ -186,7 +188,7 @@ impl<const N: usize> Client<N> {
             _ => {}
         }
         let bad = flags.difference(allowed);
-        if !bad.is_empty() {
+        if enforced!(self, ClientChecks::FLAGS) && !bad.is_empty() {
             return Err(Misuse::FlagNotAllowed(bad.bits()).into());
         }
         let gates = [
@@ -201,7 +203,7 @@ impl<const N: usize> Client<N> {
             ),
         ];
         for (flag, ok) in gates {
-            if flags.contains(flag) && !ok {
+            if enforced!(self, ClientChecks::FLAGS) && flags.contains(flag) && !ok {
                 return Err(Misuse::FlagNotAllowed(flag.bits()).into());
             }
         }
@@ -213,28 +215,33 @@ impl<const N: usize> Client<N> {
             Command::Cache => Some(TransmissionFlags::SEND_CACHE),
             _ => None,
         };
-        if gate.is_some_and(|g| !tf.contains(g)) {
+        let commands = enforced!(self, ClientChecks::COMMANDS);
+        if commands && gate.is_some_and(|g| !tf.contains(g)) {
             return Err(Misuse::Unsupported(command).into());
         }
-        if command == Command::BlockStatus && self.contexts.is_empty() {
+        if commands && command == Command::BlockStatus && self.contexts.is_empty() {
             return Err(Misuse::NotNegotiated("metadata contexts").into());
         }
-        if matches!(
-            command,
-            Command::Write | Command::Trim | Command::WriteZeroes
-        ) && tf.contains(TransmissionFlags::READ_ONLY)
+        if enforced!(self, ClientChecks::READ_ONLY)
+            && matches!(
+                command,
+                Command::Write | Command::Trim | Command::WriteZeroes
+            )
+            && tf.contains(TransmissionFlags::READ_ONLY)
         {
             return Err(Misuse::ReadOnly.into());
         }
         // The range.
+        let bounds = enforced!(self, ClientChecks::BOUNDS);
         if command != Command::Flush {
-            if len == 0 {
+            if bounds && len == 0 {
                 return Err(Misuse::BadLength(0).into());
             }
+            // What a compact header cannot carry is never relaxed.
             if !self.eh && len > u64::from(u32::MAX) {
                 return Err(Misuse::BadLength(len).into());
             }
-            if offset.checked_add(len).is_none_or(|end| end > export.size) {
+            if bounds && offset.checked_add(len).is_none_or(|end| end > export.size) {
                 return Err(Misuse::OutOfRange {
                     offset,
                     len,
@@ -242,16 +249,22 @@ impl<const N: usize> Client<N> {
                 }
                 .into());
             }
-            if let Some(b) = export.block_size {
+            if let Some(b) = export
+                .block_size
+                .filter(|_| enforced!(self, ClientChecks::BLOCK_SIZE))
+            {
                 let min = u64::from(b.min);
                 // The tail of an export whose size is not a multiple of the minimum block
                 // may be addressed up to its end.
-                let aligned_end = len.is_multiple_of(min) || offset + len == export.size;
+                let aligned_end =
+                    len.is_multiple_of(min) || offset.checked_add(len) == Some(export.size);
                 if !offset.is_multiple_of(min) || !aligned_end {
                     return Err(Misuse::Misaligned { min_block: b.min }.into());
                 }
             }
-            if matches!(command, Command::Read | Command::Write) {
+            if enforced!(self, ClientChecks::BLOCK_SIZE)
+                && matches!(command, Command::Read | Command::Write)
+            {
                 let max = u64::from(self.max_payload());
                 if len > max {
                     return Err(Misuse::PayloadTooLarge { len, max }.into());
@@ -299,15 +312,23 @@ impl<const N: usize> Client<N> {
         let contexts = self.contexts.clone();
         let mut n = 0;
         while let Some(entry) = self.table.first_unsent_mut() {
+            // Adversarial mode: injected bytes due here go out before this request.
+            #[cfg(feature = "adversarial")]
+            if n > 0 && self.adv.due() {
+                break;
+            }
             if entry.send == Send::PayloadDue {
                 if n > 0 {
                     break;
                 }
                 entry.send = Send::Sent;
+                #[cfg(feature = "adversarial")]
+                self.adv.note_sent();
                 return Ok(Some(Transmit::Payload {
                     cookie: entry.cookie,
                     offset: entry.offset,
-                    // invariant: writes are at most u32::MAX bytes (`write` takes a u32).
+                    // invariant: writes are at most u32::MAX bytes (`write` takes a u32),
+                    // or fit a usize (the adversarial `command` checks).
                     len: entry.len as usize,
                 }));
             }
@@ -360,6 +381,8 @@ impl<const N: usize> Client<N> {
             entry.send = if entry.command == Command::Write {
                 Send::PayloadDue
             } else {
+                #[cfg(feature = "adversarial")]
+                self.adv.note_sent();
                 Send::Sent
             };
         }
@@ -378,6 +401,8 @@ impl<const N: usize> Client<N> {
                 .ok_or(Error::BufferTooSmall { required: need })?;
             request.emit(room).map_err(Misuse::Encode)?;
             self.disc_sent = true;
+            #[cfg(feature = "adversarial")]
+            self.adv.note_sent();
             return Ok(Some(Transmit::Bytes(need)));
         }
         Ok((n > 0).then_some(Transmit::Bytes(n)))
@@ -677,6 +702,13 @@ impl<const N: usize> Client<N> {
                 }
                 if let Some(e) = self.table.sent_mut(cookie) {
                     e.error.get_or_insert(chunk.error);
+                    // proto.md: later content chunks must not cover this offset (test:
+                    // hostile_server.rs, content_over_an_earlier_error_offset).
+                    if let (Track::Read(t), Some(o)) = (&mut e.track, offset) {
+                        if let Ok(at) = u32::try_from(o - e.offset) {
+                            t.add_error(at);
+                        }
+                    }
                 }
                 if done {
                     self.deferred = Some(self.complete(cookie)?);

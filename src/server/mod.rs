@@ -44,6 +44,8 @@
 //! [`ServerConfig::max_option_len`] + 16 bytes during negotiation, and 32 + 8 + 4 ×
 //! [`MAX_CONTEXTS`] bytes in transmission.
 
+#[cfg(feature = "adversarial")]
+mod adversary;
 mod meta;
 mod output;
 
@@ -51,8 +53,12 @@ use core::fmt::{self, Write as _};
 
 use arrayvec::ArrayVec;
 
+#[cfg(feature = "adversarial")]
+pub use self::adversary::ServerAdversary;
 pub use self::meta::{any_matches, query_matches};
 use self::output::Output;
+#[cfg(feature = "adversarial")]
+use crate::adversarial::ServerChecks;
 use crate::common::{Handled, TlsPolicy, Transmit, Want};
 use crate::error::{Error, Incompatible, Misbehavior, Misuse};
 use crate::wire::chunk::{BlockStatusHeader, ErrorChunk, OffsetDataHeader, OffsetHole};
@@ -323,6 +329,8 @@ enum Input {
         offset: u64,
         left: u64,
     },
+    /// `NBD_CMD_DISC` was received: the client may send nothing more.
+    Disconnected,
     /// Nothing more is accepted.
     Done,
 }
@@ -403,6 +411,9 @@ pub struct Server<const N: usize = 64, const B: usize = 65536> {
     export: Export,
     owed: ArrayVec<Owed, N>,
     shutting_down: bool,
+    /// Adversarial mode: the checks on replies switched off.
+    #[cfg(feature = "adversarial")]
+    relaxed: ServerChecks,
 }
 
 impl<const N: usize, const B: usize> Server<N, B> {
@@ -471,6 +482,8 @@ impl<const N: usize, const B: usize> Server<N, B> {
             },
             owed: ArrayVec::new(),
             shutting_down: false,
+            #[cfg(feature = "adversarial")]
+            relaxed: ServerChecks::empty(),
         }
     }
 
@@ -571,7 +584,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
             Input::ClientFlags => Want::Bytes(ClientFlags::LEN),
             Input::Option => Want::Bytes(self.need.max(OptHeader::LEN)),
             Input::Discard { left, .. } => Want::Discard { len: clamp(left) },
-            Input::AwaitTls | Input::Done => Want::Nothing,
+            Input::AwaitTls | Input::Disconnected | Input::Done => Want::Nothing,
             Input::Request => {
                 if self.owed.is_full() || !self.has_reply_room() {
                     Want::Nothing
@@ -619,11 +632,15 @@ impl<const N: usize, const B: usize> Server<N, B> {
                     Err(Misbehavior::DataAfterStartTls.into())
                 }
             }
-            Input::Done => {
+            // proto.md: the client MUST NOT send anything after NBD_CMD_DISC, whether or
+            // not the server is still finishing replies (test: hostile_client.rs,
+            // data_after_disconnect).
+            Input::Disconnected if !input.is_empty() => {
+                Err(Misbehavior::DataAfterDisconnect.into())
+            }
+            Input::Disconnected | Input::Done => {
                 if input.is_empty() {
                     Ok(Handled::none())
-                } else if self.state == State::Disconnecting {
-                    Err(Misbehavior::DataAfterDisconnect.into())
                 } else {
                     Err(Error::Closed)
                 }

@@ -273,11 +273,12 @@ impl<const N: usize, const B: usize> Server<N, B> {
         let Pending::Meta { set, .. } = self.pending else {
             return Err(Misuse::WrongState.into());
         };
-        if !name.contains(':') {
+        let checked = enforced!(self, ServerChecks::META_CONTEXTS);
+        if checked && !name.contains(':') {
             return Err(Misuse::BadReply("a metadata context name needs a namespace").into());
         }
         if set {
-            if self.contexts.contains(&id) {
+            if checked && self.contexts.contains(&id) {
                 return Err(Misuse::BadReply("metadata context ID used twice").into());
             }
             if self.contexts.is_full() {
@@ -468,34 +469,40 @@ impl<const N: usize, const B: usize> Server<N, B> {
         info: &ExportInfo<'_>,
         export: Option<u64>,
     ) -> Result<Export, Error> {
-        let mut flags = info.flags | TransmissionFlags::HAS_FLAGS;
+        let checked = enforced!(self, ServerChecks::EXPORT_INFO);
+        let mut flags = info.flags;
         // proto.md: SEND_DF MUST be clear without structured replies; FAST_ZERO MUST be
         // clear without WRITE_ZEROES; BLOCK_STATUS_PAYLOAD MUST NOT be set without extended
         // headers and SHOULD NOT be without a selected context. RESIZE is not implemented.
-        if !self.structured {
-            flags.remove(TransmissionFlags::SEND_DF);
+        if checked {
+            flags.insert(TransmissionFlags::HAS_FLAGS);
+            if !self.structured {
+                flags.remove(TransmissionFlags::SEND_DF);
+            }
+            if flags.contains(TransmissionFlags::READ_ONLY) {
+                // Nothing can be written: do not advertise ways of writing (as nbdkit -r
+                // and qemu-nbd -r do not).
+                flags.remove(
+                    TransmissionFlags::SEND_TRIM
+                        | TransmissionFlags::SEND_WRITE_ZEROES
+                        | TransmissionFlags::SEND_FAST_ZERO,
+                );
+            }
+            if !flags.contains(TransmissionFlags::SEND_WRITE_ZEROES) {
+                flags.remove(TransmissionFlags::SEND_FAST_ZERO);
+            }
+            let contexts =
+                export.is_some() && self.contexts_export == export && !self.contexts.is_empty();
+            if !(self.extended && contexts) {
+                flags.remove(TransmissionFlags::BLOCK_STATUS_PAYLOAD);
+            }
+            flags.remove(TransmissionFlags::SEND_RESIZE);
         }
-        if flags.contains(TransmissionFlags::READ_ONLY) {
-            // Nothing can be written: do not advertise ways of writing (as nbdkit -r and
-            // qemu-nbd -r do not).
-            flags.remove(
-                TransmissionFlags::SEND_TRIM
-                    | TransmissionFlags::SEND_WRITE_ZEROES
-                    | TransmissionFlags::SEND_FAST_ZERO,
-            );
-        }
-        if !flags.contains(TransmissionFlags::SEND_WRITE_ZEROES) {
-            flags.remove(TransmissionFlags::SEND_FAST_ZERO);
-        }
-        let contexts =
-            export.is_some() && self.contexts_export == export && !self.contexts.is_empty();
-        if !(self.extended && contexts) {
-            flags.remove(TransmissionFlags::BLOCK_STATUS_PAYLOAD);
-        }
-        flags.remove(TransmissionFlags::SEND_RESIZE);
         let (min_block, max_payload) = match info.block_size {
             Some(b) => {
-                b.validate().map_err(Misuse::BadReply)?;
+                if checked {
+                    b.validate().map_err(Misuse::BadReply)?;
+                }
                 (b.min, b.max_payload)
             }
             None => (1, wire::DEFAULT_MAX_PAYLOAD),

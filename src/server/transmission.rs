@@ -37,7 +37,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
         }
         if req.command == Command::Disc {
             // proto.md: finish what is in flight, then close; no reply to DISC itself.
-            self.input = Input::Done;
+            self.input = Input::Disconnected;
             self.state = if self.owed.is_empty() && self.out.is_empty() {
                 State::Closed
             } else {
@@ -454,7 +454,8 @@ impl<const N: usize, const B: usize> Server<N, B> {
             if !self.structured {
                 return Err(Misuse::NotNegotiated("structured replies").into());
             }
-            if !o.command.allows_error_offset() || at < o.offset || at >= o.end() {
+            let outside = !o.command.allows_error_offset() || at < o.offset || at >= o.end();
+            if enforced!(self, ServerChecks::ERROR_OFFSET) && outside {
                 return Err(Misuse::BadReply("error offset outside the request").into());
             }
         }
@@ -478,10 +479,14 @@ impl<const N: usize, const B: usize> Server<N, B> {
             return Err(Misuse::BadReply("not a read").into());
         }
         // The machine sends content in order, without gaps or overlap, so that coverage
-        // and the DONE flag are exact.
+        // and the DONE flag are exact. (Adversarial mode may relax that, never the
+        // overflow: the framing below adds offset and len.)
+        let checked = enforced!(self, ServerChecks::READ_CHUNKS);
         if len == 0
-            || offset != o.progress
-            || offset.checked_add(len).is_none_or(|end| end > o.end())
+            || (checked && offset != o.progress)
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| checked && end > o.end())
         {
             return Err(Misuse::BadReply(
                 "read data must continue where the last piece ended, inside the request",
@@ -489,7 +494,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
             .into());
         }
         // proto.md: a DF read gets at most one content chunk.
-        if o.flags.contains(CmdFlags::DF) && (offset != o.offset || len != o.len) {
+        if checked && o.flags.contains(CmdFlags::DF) && (offset != o.offset || len != o.len) {
             return Err(Misuse::BadReply("a DF read is answered with one piece").into());
         }
         Ok((i, o))

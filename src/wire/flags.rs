@@ -5,9 +5,6 @@
 //! unchanged. Bit numbers follow the spec, not old headers: bit 8 of the transmission
 //! flags is `NBD_FLAG_CAN_MULTI_CONN` and bit 10 is `NBD_FLAG_SEND_CACHE`.
 
-use core::fmt;
-use core::ops::{BitAnd, BitAndAssign, BitOr, BitOrAssign, Not};
-
 macro_rules! flags {
     (
         $(#[$attr:meta])*
@@ -116,25 +113,25 @@ macro_rules! flags {
             }
         }
 
-        impl BitOr for $name {
+        impl ::core::ops::BitOr for $name {
             type Output = Self;
             #[inline]
             fn bitor(self, rhs: Self) -> Self { self.union(rhs) }
         }
-        impl BitOrAssign for $name {
+        impl ::core::ops::BitOrAssign for $name {
             #[inline]
             fn bitor_assign(&mut self, rhs: Self) { self.insert(rhs) }
         }
-        impl BitAnd for $name {
+        impl ::core::ops::BitAnd for $name {
             type Output = Self;
             #[inline]
             fn bitand(self, rhs: Self) -> Self { self.intersection(rhs) }
         }
-        impl BitAndAssign for $name {
+        impl ::core::ops::BitAndAssign for $name {
             #[inline]
             fn bitand_assign(&mut self, rhs: Self) { self.0 &= rhs.0 }
         }
-        impl Not for $name {
+        impl ::core::ops::Not for $name {
             type Output = Self;
             #[inline]
             fn not(self) -> Self { Self(!self.0) }
@@ -150,8 +147,8 @@ macro_rules! flags {
         }
 
         /// Formats as `NAME | NAME | 0x...` (unknown bits in hex), or `0` when empty.
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::core::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 if self.0 == 0 {
                     return f.write_str("0");
                 }
@@ -172,13 +169,17 @@ macro_rules! flags {
             }
         }
 
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::core::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 write!(f, "{}({})", stringify!($name), self)
             }
         }
     };
 }
+
+// Also used for the check sets of adversarial mode.
+#[allow(unused_imports)]
+pub(crate) use flags;
 
 flags! {
     /// Handshake flags (16 bits), sent by a newstyle server in its greeting.
