@@ -97,13 +97,15 @@
 #[cfg(not(test))]
 extern crate no_std_compat as std;
 
-#[cfg(feature = "std")]
+#[cfg(all(feature = "std", any(feature = "client", feature = "server")))]
 pub mod blocking;
+#[cfg(feature = "client")]
 pub mod client;
 mod common;
 pub mod error;
+#[cfg(feature = "server")]
 pub mod server;
-#[cfg(any(test, feature = "_testing"))]
+#[cfg(all(any(test, feature = "_testing"), feature = "client", feature = "server"))]
 #[doc(hidden)]
 pub mod testing;
 #[cfg(feature = "alloc")]

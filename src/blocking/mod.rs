@@ -7,7 +7,10 @@
 //! - [`server`]: [`server::serve`] runs one connection over any `Read + Write` on a
 //!   [`server::Backend`].
 
+#[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "server")]
 pub mod server;
 
+#[cfg(feature = "client")]
 pub use self::client::{errno_of, BlockingClient, CommandError, Completion, NoSink, Sink, Socket};
