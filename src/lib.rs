@@ -105,7 +105,11 @@ mod common;
 pub mod error;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(all(any(test, feature = "_testing"), feature = "client", feature = "server"))]
+#[cfg(all(
+    any(test, feature = "_testing"),
+    feature = "client",
+    feature = "server"
+))]
 #[doc(hidden)]
 pub mod testing;
 #[cfg(feature = "alloc")]
