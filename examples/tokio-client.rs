@@ -351,8 +351,9 @@ impl Task {
                 offset,
                 len,
             } => {
+                // The machine checked that the hole lies inside the read.
                 if let Some(op) = self.ops.get_mut(&cookie) {
-                    let at = (offset - op.offset) as usize;
+                    let at = offset.saturating_sub(op.offset) as usize;
                     if let Some(hole) = op
                         .buf
                         .as_mut()

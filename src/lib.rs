@@ -23,7 +23,10 @@
 //!
 //! # The run loop
 //!
-//! Both machines follow the same loop (the server's is in [`server`]):
+//! Both machines follow the same loop. The client's, with a complete example over a
+//! `TcpStream`, is in [`client`]; the server's in [`server`]. Whole drivers to copy from:
+//! [`blocking`] (threads), `examples/tokio-server.rs` and `examples/tokio-client.rs`
+//! (tokio), and `ci/embedded-demo` (no heap, fixed buffers).
 //!
 //! 1. Drain `poll_transmit` until it returns `None`, sending every [`Transmit`] in order.
 //! 2. Act on `wants()`: read until you hold [`Want::Bytes`] bytes and call `handle_input`;
@@ -68,11 +71,16 @@
 //!
 //! | feature | default | adds |
 //! | --- | --- | --- |
-//! | `std` | yes | `std::io::Error` conversions and the blocking drivers in [`blocking`]; implies `alloc` |
-//! | `alloc` | via `std` | nothing the machines need: reserved for owned conveniences |
+//! | `client` | yes | the client machine, [`client`]; with `std`, the blocking client `blocking::client` |
+//! | `server` | yes | the server machine, [`server`]; with `std`, the blocking server `blocking::server` |
+//! | `std` | yes | `std::io::Error` conversions and the blocking drivers in `blocking` (for the roles enabled); implies `alloc` |
+//! | `alloc` | via `std` | the NBD URI parser `uri`; nothing the machines need |
 //!
-//! With no features the crate is `#![no_std]` and needs no allocator: the codecs and both
-//! machines are complete without them.
+//! The codecs in [`wire`] and the shared types are always there. Firmware builds only the
+//! role it needs: `default-features = false, features = ["client"]` (or `["server"]`) is
+//! `#![no_std]`, needs no allocator, and the machine is complete. Every combination builds
+//! (CI checks all of them); `ci/embedded-demo` links each role alone into a `no_std`
+//! static library and measures its size (see the README).
 //!
 //! # Spec revision
 //!
