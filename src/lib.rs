@@ -23,7 +23,10 @@
 //!
 //! # The run loop
 //!
-//! Both machines follow the same loop (the server's is in [`server`]):
+//! Both machines follow the same loop. The client's, with a complete example over a
+//! `TcpStream`, is in [`client`]; the server's in [`server`]. Whole drivers to copy from:
+//! [`blocking`] (threads), `examples/tokio-server.rs` and `examples/tokio-client.rs`
+//! (tokio), and `ci/embedded-demo` (no heap, fixed buffers).
 //!
 //! 1. Drain `poll_transmit` until it returns `None`, sending every [`Transmit`] in order.
 //! 2. Act on `wants()`: read until you hold [`Want::Bytes`] bytes and call `handle_input`;
@@ -68,12 +71,17 @@
 //!
 //! | feature | default | adds |
 //! | --- | --- | --- |
-//! | `std` | yes | `std::io::Error` conversions and the blocking drivers in [`blocking`]; implies `alloc` |
-//! | `alloc` | via `std` | nothing the machines need: reserved for owned conveniences |
-//! | `adversarial` | no | test-only: the `adversarial` module, making either machine misbehave on purpose to test peers; changes nothing unless its API is called |
+//! | `client` | yes | the client machine, [`client`]; with `std`, the blocking client `blocking::client` |
+//! | `server` | yes | the server machine, [`server`]; with `std`, the blocking server `blocking::server` |
+//! | `std` | yes | `std::io::Error` conversions and the blocking drivers in `blocking` (for the roles enabled); implies `alloc` |
+//! | `alloc` | via `std` | the NBD URI parser `uri`; nothing the machines need |
+//! | `adversarial` | no | test-only: the `adversarial` module, making either machine misbehave on purpose to test peers; changes nothing unless its API is called; needs both roles |
 //!
-//! With no features the crate is `#![no_std]` and needs no allocator: the codecs and both
-//! machines are complete without them.
+//! The codecs in [`wire`] and the shared types are always there. Firmware builds only the
+//! role it needs: `default-features = false, features = ["client"]` (or `["server"]`) is
+//! `#![no_std]`, needs no allocator, and the machine is complete. Every combination builds
+//! (CI checks all of them); `ci/embedded-demo` links each role alone into a `no_std`
+//! static library and measures its size (see the README).
 //!
 //! # Spec revision
 //!
@@ -108,6 +116,7 @@ macro_rules! enforced {
     };
 }
 #[cfg(not(feature = "adversarial"))]
+#[allow(unused_macros)] // unused when neither role is built
 macro_rules! enforced {
     ($machine:expr, $check:expr) => {
         true
@@ -116,13 +125,19 @@ macro_rules! enforced {
 
 #[cfg(feature = "adversarial")]
 pub mod adversarial;
-#[cfg(feature = "std")]
+#[cfg(all(feature = "std", any(feature = "client", feature = "server")))]
 pub mod blocking;
+#[cfg(feature = "client")]
 pub mod client;
 mod common;
 pub mod error;
+#[cfg(feature = "server")]
 pub mod server;
-#[cfg(any(test, feature = "_testing"))]
+#[cfg(all(
+    any(test, feature = "_testing"),
+    feature = "client",
+    feature = "server"
+))]
 #[doc(hidden)]
 pub mod testing;
 #[cfg(feature = "alloc")]

@@ -328,6 +328,20 @@ pub struct ExportDetails {
 }
 
 /// A blocking NBD client. `N` is the most commands in flight.
+///
+/// ```no_run
+/// use nbd_proto::blocking::BlockingClient;
+/// use nbd_proto::wire::CmdFlags;
+///
+/// let mut nbd = BlockingClient::connect("nbd://127.0.0.1:10809")?;
+/// println!("{} bytes", nbd.size());
+/// nbd.write_at(b"hello", 0, CmdFlags::empty())?;
+/// let mut buf = [0u8; 5];
+/// nbd.read_at(&mut buf, 0)?; // large reads are split and kept in flight together
+/// assert_eq!(&buf, b"hello");
+/// nbd.disconnect()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct BlockingClient<S = Socket, const N: usize = 64> {
     client: Client<N>,
     stream: S,

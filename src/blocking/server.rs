@@ -43,6 +43,39 @@ use crate::Error;
 
 /// Storage behind an export. Methods take `&self`: a backend is shared by every
 /// connection to its export and must do its own locking.
+///
+/// Only [`size`](Backend::size), [`read`](Backend::read) and [`write`](Backend::write) are
+/// required; the rest have defaults that are always correct.
+///
+/// ```no_run
+/// use std::io;
+/// use std::sync::{Arc, Mutex};
+/// use nbd_proto::blocking::server::{serve, Backend, Export, Options};
+///
+/// /// A disk in one `Vec`, behind a lock.
+/// struct VecDisk(Mutex<Vec<u8>>);
+///
+/// impl Backend for VecDisk {
+///     fn size(&self) -> u64 {
+///         self.0.lock().unwrap().len() as u64
+///     }
+///     // The server checked the range against the size before calling.
+///     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+///         buf.copy_from_slice(&self.0.lock().unwrap()[offset as usize..][..buf.len()]);
+///         Ok(())
+///     }
+///     fn write(&self, offset: u64, buf: &[u8], _fua: bool) -> io::Result<()> {
+///         self.0.lock().unwrap()[offset as usize..][..buf.len()].copy_from_slice(buf);
+///         Ok(())
+///     }
+/// }
+///
+/// let disk = Arc::new(VecDisk(Mutex::new(vec![0; 16 << 20])));
+/// let options = Options::new(vec![Export::new("", disk)]);
+/// let (stream, _) = std::net::TcpListener::bind("127.0.0.1:10809")?.accept()?;
+/// serve(stream, &options)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Backend: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;

@@ -196,6 +196,20 @@ const _: () = assert!(
 );
 
 /// What the client is configured to do. Copied into the [`Client`] by [`Client::new`].
+///
+/// Start from [`ClientConfig::new`] (or `default()`) and set the fields you need:
+///
+/// ```
+/// use nbd_proto::client::{Client, ClientConfig};
+/// use nbd_proto::TlsPolicy;
+///
+/// let mut config = ClientConfig::new("disk");
+/// config.meta_contexts = &["base:allocation"]; // for block status
+/// config.tls = TlsPolicy::Optional; // use TLS if the server offers it
+/// let client: Client<16> = Client::new(&config)?; // at most 16 commands in flight
+/// assert_eq!(client.export_name(), "disk");
+/// # Ok::<(), nbd_proto::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClientConfig<'a> {
@@ -482,7 +496,56 @@ pub(crate) struct ExportInfo {
 
 /// The NBD client state machine. `N` is the most commands in flight at once.
 ///
-/// See the [module documentation](self) for the drive loop.
+/// See the [module documentation](self) for the drive loop over a socket, and
+/// [`crate::blocking::BlockingClient`], `examples/tokio-client.rs` and `ci/embedded-demo`
+/// for whole drivers.
+///
+/// # Example
+///
+/// A client and a server machine joined in memory, with two `Vec`s for the transport: each
+/// side sends what it queued, then hands over at most one message per call.
+///
+/// ```
+/// use nbd_proto::client::{Client, ClientConfig, Event};
+/// use nbd_proto::server::{ExportInfo, Server, ServerConfig, ServerEvent};
+/// use nbd_proto::wire::TransmissionFlags;
+/// use nbd_proto::{Transmit, Want};
+///
+/// let mut client: Client = Client::new(&ClientConfig::new(""))?;
+/// let mut server: Server = Server::new(ServerConfig::default());
+/// let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+/// let mut out = vec![0u8; nbd_proto::client::MAX_OPTION_LEN];
+/// let mut size = None;
+/// for _ in 0..100 {
+///     // Run-loop step 1: send what each side queued.
+///     while let Some(Transmit::Bytes(n)) = client.poll_transmit(&mut out)? {
+///         to_server.extend_from_slice(&out[..n]);
+///     }
+///     while let Some(Transmit::Bytes(n)) = server.poll_transmit(&mut out)? {
+///         to_client.extend_from_slice(&out[..n]);
+///     }
+///     // Steps 2 and 3: feed what each side wants, handle the event, drop what was consumed.
+///     if matches!(server.wants(), Want::Bytes(n) if to_server.len() >= n) {
+///         let handled = server.handle_input(&to_server)?;
+///         if let Some(ServerEvent::Export(_)) = handled.event {
+///             let info = ExportInfo::new(1 << 20, TransmissionFlags::SEND_FLUSH);
+///             server.answer_export(&info)?;
+///         }
+///         to_server.drain(..handled.consumed);
+///     }
+///     if matches!(client.wants(), Want::Bytes(n) if to_client.len() >= n) {
+///         let handled = client.handle_input(&to_client)?;
+///         if let Some(Event::Ready { size: s, .. }) = handled.event {
+///             size = Some(s);
+///             break;
+///         }
+///         to_client.drain(..handled.consumed);
+///     }
+/// }
+/// assert_eq!(size, Some(1 << 20));
+/// assert!(client.extended_headers()); // both sides support the extension
+/// # Ok::<(), nbd_proto::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Client<const N: usize = 64> {
     phase: Phase,
