@@ -149,8 +149,6 @@ pub enum Misbehavior {
     },
     /// `NBD_OPT_INFO`/`NBD_OPT_GO` ended in `NBD_REP_ACK` without an `NBD_INFO_EXPORT`.
     InfoWithoutExport,
-    /// An `NBD_INFO_*` record was sent twice for one export.
-    DuplicateInfo(u16),
     /// Block-size constraints that break the spec's rules.
     InvalidBlockSize(&'static str),
     /// A metadata context name without a `namespace:` prefix.
@@ -296,7 +294,6 @@ impl fmt::Display for Misbehavior {
                 write!(f, "reply to {opt} declares {len} bytes of data")
             }
             InfoWithoutExport => f.write_str("NBD_REP_ACK without NBD_INFO_EXPORT"),
-            DuplicateInfo(t) => write!(f, "information type {t} sent twice"),
             InvalidBlockSize(why) => write!(f, "invalid NBD_INFO_BLOCK_SIZE: {why}"),
             InvalidContextName => f.write_str("metadata context name without a namespace"),
             DuplicateContextId(id) => write!(f, "metadata context ID {id} given twice"),
