@@ -377,8 +377,6 @@ impl fmt::Display for Misbehavior {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Incompatible {
-    /// The server does not speak fixed newstyle, which the configuration needs.
-    NoFixedNewstyle,
     /// TLS is required by this side but the server did not accept `NBD_OPT_STARTTLS`.
     TlsUnavailable,
     /// The server requires TLS (`NBD_REP_ERR_TLS_REQD`) but TLS is off here.
@@ -398,16 +396,11 @@ pub enum Incompatible {
     ClientFlagsRefused,
     /// The export chosen with `NBD_OPT_EXPORT_NAME` was refused (the server closed).
     ExportRefused,
-    /// Oldstyle negotiation, which the configuration refused.
-    Oldstyle,
 }
 
 impl fmt::Display for Incompatible {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NoFixedNewstyle => {
-                f.write_str("server does not support fixed newstyle negotiation")
-            }
             Self::TlsUnavailable => {
                 f.write_str("TLS is required but the server did not accept STARTTLS")
             }
@@ -418,7 +411,6 @@ impl fmt::Display for Incompatible {
             Self::OptionRefused { opt, reply } => write!(f, "{opt} refused with {reply}"),
             Self::ClientFlagsRefused => f.write_str("the server closed after the client flags"),
             Self::ExportRefused => f.write_str("the server refused the export"),
-            Self::Oldstyle => f.write_str("the server speaks oldstyle negotiation"),
         }
     }
 }
