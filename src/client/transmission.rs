@@ -387,6 +387,16 @@ impl<const N: usize> Client<N> {
             };
         }
         if n == 0 && self.disc_queued && !self.disc_sent {
+            let need = if eh {
+                Request::EXTENDED_LEN
+            } else {
+                Request::COMPACT_LEN
+            };
+            // Room first: a buffer too small must change nothing, the cookie counter
+            // included (sessions replay byte for byte).
+            let room = out
+                .get_mut(..need)
+                .ok_or(Error::BufferTooSmall { required: need })?;
             let request = Request {
                 flags: CmdFlags::empty(),
                 command: Command::Disc,
@@ -395,10 +405,6 @@ impl<const N: usize> Client<N> {
                 len: 0,
                 extended: eh,
             };
-            let need = request.buffer_len();
-            let room = out
-                .get_mut(..need)
-                .ok_or(Error::BufferTooSmall { required: need })?;
             request.emit(room).map_err(Misuse::Encode)?;
             self.disc_sent = true;
             #[cfg(feature = "adversarial")]
