@@ -1,6 +1,9 @@
-//! The checking functions behind the fuzz targets of `fuzz_targets/`, one per codec
-//! family of `nbd_proto::wire`. Each takes arbitrary bytes and panics if a codec breaks
-//! its contract (`src/wire/mod.rs`, "Guarantees"):
+//! The checking functions behind the fuzz targets of `fuzz_targets/`: one per codec
+//! family of `nbd_proto::wire` ([`TARGETS`]), and five that drive the client and server
+//! state machines ([`MACHINE_TARGETS`], see [`machines`] for what they check).
+//!
+//! The codec targets take arbitrary bytes and panic if a codec breaks its contract
+//! (`src/wire/mod.rs`, "Guarantees"):
 //!
 //! - decoding never panics;
 //! - `Truncated { needed }` is exact and makes progress ([`check::stream`]);
@@ -12,17 +15,37 @@
 //! The same functions run on stable over the committed corpora (`tests/replay.rs`), so CI
 //! needs no nightly toolchain to replay them.
 //!
+//! `nbd-proto` is a dependency with `default-features = false` for every target: the
+//! codecs and both machines are fuzzed exactly as a `no_std` user builds them. The
+//! machine targets therefore use their own drivers ([`machines`]) rather than
+//! `nbd_proto::testing::Pair`, which needs the `_testing` feature and so `std` (cargo
+//! would unify it into the codec targets too).
+//!
+//! Seeds of `client_input` and `server_input` are real sessions: the server's and the
+//! client's bytes of qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh and this crate's
+//! `nbd-client` example against qemu-nbd (extended headers), nbdkit (structured, `--no-sr`
+//! simple, `-o` oldstyle) and this crate's `nbd-server` example, captured with a raw
+//! socket proxy, with a selector byte (and for the client a command script) in front
+//! (see [`machines::client::setup`], [`machines::server::setup`]).
+//!
 //! # Running
 //!
 //! From the repository root:
 //!
 //! - replay on stable: `cargo test --manifest-path fuzz/Cargo.toml`;
-//! - fuzz (nightly): `cargo +nightly fuzz run wire_opt "$(mktemp -d)" fuzz/corpus/wire_opt`.
+//! - fuzz (nightly): `cargo +nightly fuzz run wire_opt "$(mktemp -d)" fuzz/corpus/wire_opt`
+//!   (any target: `cargo +nightly fuzz list`).
 //!   libFuzzer writes new inputs into the first directory, so a scratch one keeps
 //!   `corpus/` to the hand-picked seeds. A crash lands in `fuzz/artifacts/<target>/`;
 //!   once fixed, copy it to `fuzz/regressions/<target>/` so the replay keeps checking it.
 
 pub mod check;
+pub mod machines;
+
+pub use machines::client::client_input;
+pub use machines::ops::{client_ops, server_ops};
+pub use machines::pair::pair;
+pub use machines::server::server_input;
 
 use nbd_proto::wire::extent::emit_extents;
 use nbd_proto::wire::{chunk::ChunkPayload, ChunkType, ErrorChunk};
@@ -48,6 +71,18 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wire_request", wire_request),
     ("wire_reply", wire_reply),
     ("wire_chunk", wire_chunk),
+];
+
+/// The state-machine targets ([`machines`]): name and function, which returns the number
+/// of events the input produced (the replay test checks that every seed produces some).
+/// Their seeds are whole sessions, so the replay runs each whole and at a sample of
+/// prefixes rather than at every prefix.
+pub const MACHINE_TARGETS: &[(&str, Target)] = &[
+    ("client_input", client_input),
+    ("server_input", server_input),
+    ("client_ops", client_ops),
+    ("server_ops", server_ops),
+    ("pair", pair),
 ];
 
 /// Checks `out` against `data`, where bytes `from..` are reserved zero padding.
