@@ -11,7 +11,6 @@
 //! Every codec seed must be a valid encoding, accepted by at least one decoder of its
 //! target; every machine seed must produce at least one event.
 
-
 use std::fs;
 use std::path::{Path, PathBuf};
 

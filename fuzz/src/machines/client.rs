@@ -556,10 +556,7 @@ impl<const N: usize> Checked<N> {
                 {
                     *at = pos;
                 }
-                let list = extents
-                    .iter()
-                    .map(|e| (e.len, u64::from(e.status)))
-                    .collect();
+                let list = extents.iter().map(|e| (e.len, e.status)).collect();
                 self.record
                     .push(Rec::Extents(cookie, context_id, offset, list));
             }

@@ -48,7 +48,7 @@ impl Rng {
     }
 
     /// The next value.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -60,7 +60,7 @@ impl Rng {
     /// A piece size in `1..=max`, biased to small ones (the interesting splits are inside
     /// headers).
     pub fn piece(&mut self, max: usize) -> usize {
-        let r = self.next();
+        let r = self.next_u64();
         let cap = match r % 4 {
             0 => 1,
             1 => 8,
@@ -151,8 +151,8 @@ mod random {
     fn random_inputs() {
         let mut r = crate::machines::Rng::from_bytes(b"seed");
         for i in 0..3000 {
-            let len = (r.next() % 600) as usize;
-            let data: Vec<u8> = (0..len).map(|_| r.next() as u8).collect();
+            let len = (r.next_u64() % 600) as usize;
+            let data: Vec<u8> = (0..len).map(|_| r.next_u64() as u8).collect();
             for (name, f) in crate::MACHINE_TARGETS {
                 let res = std::panic::catch_unwind(|| f(&data));
                 if res.is_err() {
@@ -163,4 +163,3 @@ mod random {
         }
     }
 }
-

@@ -803,7 +803,7 @@ impl<const N: usize, const B: usize> SOps<N, B> {
                 let ids: Vec<u32> = ids.iter().take(20).map(|i| u32::from(i % 5)).collect();
                 let plen = 8 + 4 * ids.len() as u64;
                 out.extend_from_slice(&0x21e4_1c71u32.to_be_bytes());
-                out.extend_from_slice(&u16::from(CmdFlags::PAYLOAD_LEN.bits()).to_be_bytes());
+                out.extend_from_slice(&CmdFlags::PAYLOAD_LEN.bits().to_be_bytes());
                 out.extend_from_slice(&7u16.to_be_bytes());
                 out.extend_from_slice(&u64::from(cookie).to_be_bytes());
                 out.extend_from_slice(&(u64::from(off) << 9).to_be_bytes());

@@ -618,7 +618,7 @@ fn pair_n<const N: usize, const B: usize>(
     sc.extended_headers = !c.s_no_eh;
     let mut flags = super::script::all_flags(super::script::Form::Extended);
     if c.read_only {
-        flags = flags | TransmissionFlags::READ_ONLY;
+        flags |= TransmissionFlags::READ_ONLY;
     }
     let app = Responder {
         size,

@@ -32,7 +32,7 @@ pub fn all_flags(form: Form) -> TransmissionFlags {
     let mut f = TransmissionFlags::from_bits(0x0d6d) // HAS_FLAGS FLUSH FUA TRIM WZ DF MULTI CACHE FAST_ZERO
         ;
     if form == Form::Extended {
-        f = f | TransmissionFlags::BLOCK_STATUS_PAYLOAD;
+        f |= TransmissionFlags::BLOCK_STATUS_PAYLOAD;
     }
     f
 }

@@ -793,7 +793,7 @@ pub fn setup(data: &[u8]) -> (Setup, &[u8]) {
     }
     let mut flags = script::all_flags(Form::Extended);
     if sel & 0x20 != 0 {
-        flags = flags | TransmissionFlags::READ_ONLY;
+        flags |= TransmissionFlags::READ_ONLY;
     }
     let responder = Responder {
         size: script::SIZE,
