@@ -1009,12 +1009,12 @@ impl Backend for MemoryBackend {
         _fua: bool,
     ) -> io::Result<()> {
         if no_hole {
-            // Allocated zeroes: write them.
-            let zeroes = vec![0u8; (len.min(PAGE)) as usize];
+            // Allocated zeroes: write them (from the static page of zeroes: no allocation
+            // per request).
             let mut at = 0;
             while at < len {
                 let n = (len - at).min(PAGE);
-                self.write(offset + at, &zeroes[..n as usize], false)?;
+                self.write(offset + at, &ZEROES[..n as usize], false)?;
                 at += n;
             }
         } else {

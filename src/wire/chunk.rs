@@ -44,6 +44,7 @@ impl OffsetDataHeader {
     pub const LEN: usize = 8;
 
     /// Decodes the offset from the start of `buf`, given the chunk's payload length.
+    #[inline]
     pub fn parse(buf: &[u8], chunk_len: u64) -> Result<Self> {
         if chunk_len <= Self::LEN as u64 {
             return Err(Error::BadLength {
@@ -64,6 +65,7 @@ impl OffsetDataHeader {
     }
 
     /// Encodes the offset into `buf`, returning the bytes written (8).
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
         room(buf, Self::LEN)?;
         NetworkEndian::write_u64(&mut buf[..8], self.offset);
@@ -85,6 +87,7 @@ impl OffsetHole {
     pub const LEN: usize = 12;
 
     /// Decodes a payload of exactly 12 bytes.
+    #[inline]
     pub fn parse(payload: &[u8]) -> Result<Self> {
         if payload.len() != Self::LEN {
             return Err(Error::BadLength {
@@ -99,6 +102,7 @@ impl OffsetHole {
     }
 
     /// Encodes into `buf`, returning the bytes written (12).
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
         room(buf, Self::LEN)?;
         NetworkEndian::write_u64(&mut buf[..8], self.offset);
@@ -130,6 +134,7 @@ impl BlockStatusHeader {
     }
 
     /// Decodes the fixed part from the start of `buf`, given the chunk's payload length.
+    #[inline]
     pub fn parse(buf: &[u8], wide: bool, chunk_len: u64) -> Result<Self> {
         let fixed = Self::len(wide) as u64;
         let width = Extent::width(wide) as u64;
@@ -173,6 +178,7 @@ impl BlockStatusHeader {
     }
 
     /// Encodes the fixed part into `buf`, returning the bytes written.
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
         let len = Self::len(self.wide);
         room(buf, len)?;

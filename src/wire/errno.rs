@@ -38,10 +38,9 @@ impl Errno {
     /// Decodes a wire error field: 0 is success (`None`), anything else an `Errno`.
     #[inline]
     pub fn from_wire(value: u32) -> Option<Self> {
-        if value == 0 {
-            None
-        } else {
-            Some(Self::from(value))
+        match value {
+            0 => None,
+            value => Some(Self::from(value)),
         }
     }
 

@@ -77,6 +77,7 @@ impl SimpleReply {
     pub const LEN: usize = 16;
 
     /// Encodes into `buf`, returning the bytes written (16).
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
         room(buf, Self::LEN)?;
         NetworkEndian::write_u32(&mut buf[field::MAGIC], SIMPLE_REPLY_MAGIC);
@@ -128,6 +129,7 @@ impl ChunkHeader {
 
     /// Encodes into `buf`, returning the bytes written. A structured header cannot carry a
     /// payload length over 32 bits.
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
         let len = self.buffer_len();
         room(buf, len)?;
@@ -167,6 +169,7 @@ impl ReplyHeader {
     pub const MAGIC_LEN: usize = 4;
 
     /// Decodes a header from the start of `buf`.
+    #[inline]
     pub fn parse(buf: &[u8]) -> Result<Self> {
         need(buf, Self::MAGIC_LEN)?;
         match NetworkEndian::read_u32(&buf[field::MAGIC]) {
@@ -228,6 +231,7 @@ impl ReplyHeader {
     }
 
     /// Encodes into `buf`, returning the bytes written.
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
         match self {
             Self::Simple(s) => s.emit(buf),

@@ -106,6 +106,7 @@ impl Request {
     pub const EXTENDED_LEN: usize = 32;
 
     /// Decodes a header from the start of `buf`, compact or extended by its magic.
+    #[inline]
     pub fn parse(buf: &[u8]) -> Result<Self> {
         need(buf, 4)?;
         let extended = match NetworkEndian::read_u32(&buf[field::MAGIC]) {
@@ -168,6 +169,7 @@ impl Request {
 
     /// Encodes into `buf`, returning the bytes written. A compact header cannot carry a
     /// length over 32 bits.
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize> {
         let len = self.buffer_len();
         room(buf, len)?;
