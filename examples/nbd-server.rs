@@ -285,6 +285,11 @@ impl<S: io::Read + AsFd> io::Read for Spinning<S> {
         }
         self.inner.read(buf)
     }
+
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        // Payload reads follow their header at once: no spin needed.
+        self.inner.read_vectored(bufs)
+    }
 }
 
 impl<S: io::Write> io::Write for Spinning<S> {

@@ -23,7 +23,7 @@
 //! reused: in steady state a request allocates nothing.
 
 use std::boxed::Box;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::string::{String, ToString};
 use std::sync::{Arc, RwLock};
 
@@ -121,10 +121,11 @@ pub trait Backend: Send + Sync {
         send(&[&scratch[..len]])
     }
 
-    /// Writes the `len` bytes at `offset` that `fill` produces: each call fills the whole
-    /// slice it is given, in order, straight from the socket. A backend that holds its data
-    /// in memory passes its own memory, so the payload is copied once, by the kernel.
-    /// Errors from `fill` (the connection failed) must be returned as they are.
+    /// Writes the `len` bytes at `offset` that `fill` produces: each call fills every
+    /// slice it is given, in order, straight from the socket (one vectored read where it
+    /// can). A backend that holds its data in memory passes its own memory, so the payload
+    /// is copied once, by the kernel. Errors from `fill` (the connection failed) must be
+    /// returned as they are.
     ///
     /// The default fills `scratch` and calls [`Backend::write`].
     fn write_from(
@@ -133,12 +134,12 @@ pub trait Backend: Send + Sync {
         len: usize,
         fua: bool,
         scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(&mut [u8]) -> io::Result<()>,
+        fill: &mut dyn FnMut(&mut [&mut [u8]]) -> io::Result<()>,
     ) -> io::Result<()> {
         if scratch.len() < len {
             scratch.resize(len, 0);
         }
-        fill(&mut scratch[..len])?;
+        fill(&mut [&mut scratch[..len]])?;
         self.write(offset, &scratch[..len], fua)
     }
 
@@ -364,6 +365,9 @@ static ZEROES: [u8; 65536] = [0; 65536];
 /// Size of the input buffer: requests are read in batches, not one system call each.
 const INPUT_LEN: usize = 64 * 1024;
 
+/// A write payload at least this long makes the next header read exact.
+const LARGE_WRITE: usize = 16 * 1024;
+
 struct Connection<'o> {
     stream: Option<Box<dyn Stream>>,
     options: &'o Options,
@@ -387,6 +391,8 @@ struct Connection<'o> {
     extents: Vec<Extent>,
     /// The write whose payload is being read.
     write: Option<Request>,
+    /// The last write was large: read the next header exactly (see `read_at_least`).
+    exact_reads: bool,
 }
 
 impl<'o> Connection<'o> {
@@ -414,6 +420,7 @@ impl<'o> Connection<'o> {
             ids: Vec::new(),
             extents: Vec::new(),
             write: None,
+            exact_reads: false,
         })
     }
 
@@ -484,10 +491,18 @@ impl<'o> Connection<'o> {
         if self.input.len() < n {
             self.input.resize(n, 0);
         }
+        // After a large write, read only the next header: if another large write follows,
+        // its payload then goes straight from the socket into the backend instead of
+        // through this buffer. Small requests are read in batches.
+        let limit = if self.exact_reads {
+            n
+        } else {
+            self.input.len()
+        };
         while self.end < n {
             // invariant: the stream is only taken out during the TLS handshake.
             let stream = self.stream.as_mut().expect("stream");
-            match stream.read(&mut self.input[self.end..]) {
+            match stream.read(&mut self.input[self.end..limit]) {
                 Ok(0) => return Ok(false),
                 Ok(k) => self.end += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -676,18 +691,25 @@ impl<'o> Connection<'o> {
         };
         let backend = self.backend().clone();
         let fua = req.flags.contains(CmdFlags::FUA);
+        self.exact_reads = len >= LARGE_WRITE;
         let mut eof = false;
         let mut read_error: Option<io::Error> = None;
         let mut scratch = std::mem::take(&mut self.scratch);
         let (input, start, end) = (&self.input, &mut self.start, self.end);
         // invariant: the stream is only taken out during the TLS handshake.
         let stream = self.stream.as_mut().expect("stream");
-        let result = backend.write_from(req.offset, len, fua, &mut scratch, &mut |dest| {
+        let result = backend.write_from(req.offset, len, fua, &mut scratch, &mut |dests| {
             // Bytes already read come first, the rest straight from the socket.
-            let have = (end - *start).min(dest.len());
-            dest[..have].copy_from_slice(&input[*start..*start + have]);
-            *start += have;
-            stream.read_exact(&mut dest[have..]).inspect_err(|e| {
+            let mut bufs: ArrayVec<IoSliceMut<'_>, 64> = ArrayVec::new();
+            for dest in dests.iter_mut() {
+                let have = (end - *start).min(dest.len());
+                dest[..have].copy_from_slice(&input[*start..*start + have]);
+                *start += have;
+                if have < dest.len() && !bufs.is_full() {
+                    bufs.push(IoSliceMut::new(&mut dest[have..]));
+                }
+            }
+            read_all_vectored(stream, &mut bufs).inspect_err(|e| {
                 eof = e.kind() == io::ErrorKind::UnexpectedEof;
                 read_error = Some(io::Error::new(e.kind(), e.to_string()));
             })
@@ -792,6 +814,22 @@ impl<'o> Connection<'o> {
         self.stream().flush()?;
         Ok(())
     }
+}
+
+/// Fills every buffer of `bufs` from `r`, with as few system calls as the stream allows.
+fn read_all_vectored<R: Read + ?Sized>(
+    r: &mut R,
+    mut bufs: &mut [IoSliceMut<'_>],
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match r.read_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Writes `head` then every slice of `rest` with as few system calls as the stream allows.
@@ -979,18 +1017,30 @@ impl Backend for MemoryBackend {
         len: usize,
         _fua: bool,
         _scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(&mut [u8]) -> io::Result<()>,
+        fill: &mut dyn FnMut(&mut [&mut [u8]]) -> io::Result<()>,
     ) -> io::Result<()> {
+        // Up to GROUP pages at a time, write-locked while the kernel copies into them.
+        const GROUP: usize = 16;
         let end = offset + len as u64;
         let mut at = offset;
         while at < end {
-            let p = (at / PAGE) as usize;
-            let in_page = (at % PAGE) as usize;
-            let n = ((PAGE - at % PAGE).min(end - at)) as usize;
-            let mut page = self.page(p).write().unwrap_or_else(|e| e.into_inner());
-            let data = page.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
-            fill(&mut data[in_page..in_page + n])?;
-            at += n as u64;
+            let first = (at / PAGE) as usize;
+            let last = ((end - 1) / PAGE) as usize;
+            let pages = (last - first + 1).min(GROUP);
+            let mut guards: ArrayVec<_, GROUP> = ArrayVec::new();
+            for p in first..first + pages {
+                guards.push(self.page(p).write().unwrap_or_else(|e| e.into_inner()));
+            }
+            let mut slices: ArrayVec<&mut [u8], GROUP> = ArrayVec::new();
+            for (i, g) in guards.iter_mut().enumerate() {
+                let page_start = (first + i) as u64 * PAGE;
+                let from = (at.max(page_start) - page_start) as usize;
+                let to = (end.min(page_start + PAGE) - page_start) as usize;
+                let data = g.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
+                slices.push(&mut data[from..to]);
+            }
+            fill(&mut slices)?;
+            at = ((first + pages) as u64 * PAGE).min(end);
         }
         Ok(())
     }
@@ -1138,7 +1188,7 @@ impl Backend for DirtyBitmap {
         len: usize,
         fua: bool,
         scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(&mut [u8]) -> io::Result<()>,
+        fill: &mut dyn FnMut(&mut [&mut [u8]]) -> io::Result<()>,
     ) -> io::Result<()> {
         self.mark(offset, len as u64);
         self.inner.write_from(offset, len, fua, scratch, fill)
