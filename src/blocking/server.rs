@@ -870,11 +870,11 @@ pub(crate) fn write_all_slices<W: Write + ?Sized>(
 
 /// A sparse in-memory disk, in 64 KiB pages allocated on first write, safe to share
 /// between connections. It reports `base:allocation` (unallocated pages are holes that read
-/// as zeroes) and punches holes on trim and zeroing.
+/// as zeroes) and punches holes on trim and zeroing. (To serve it read-only, set
+/// [`Export::read_only`].)
 pub struct MemoryBackend {
     size: u64,
     pages: Vec<RwLock<Option<Box<[u8]>>>>,
-    read_only: bool,
 }
 
 const PAGE: u64 = 64 * 1024;
@@ -886,14 +886,7 @@ impl MemoryBackend {
         Self {
             size,
             pages: (0..pages).map(|_| RwLock::new(None)).collect(),
-            read_only: false,
         }
-    }
-
-    /// Refuse writes.
-    pub fn read_only(mut self) -> Self {
-        self.read_only = true;
-        self
     }
 
     fn page(&self, i: usize) -> &RwLock<Option<Box<[u8]>>> {
@@ -928,7 +921,7 @@ impl Backend for MemoryBackend {
     }
 
     fn flags(&self) -> TransmissionFlags {
-        let mut f = TransmissionFlags::SEND_FLUSH
+        TransmissionFlags::SEND_FLUSH
             | TransmissionFlags::SEND_FUA
             | TransmissionFlags::SEND_TRIM
             | TransmissionFlags::SEND_WRITE_ZEROES
@@ -936,11 +929,7 @@ impl Backend for MemoryBackend {
             | TransmissionFlags::SEND_CACHE
             | TransmissionFlags::SEND_DF
             | TransmissionFlags::CAN_MULTI_CONN
-            | TransmissionFlags::BLOCK_STATUS_PAYLOAD;
-        if self.read_only {
-            f |= TransmissionFlags::READ_ONLY;
-        }
-        f
+            | TransmissionFlags::BLOCK_STATUS_PAYLOAD
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
