@@ -890,7 +890,20 @@ impl MemoryBackend {
     }
 
     fn page(&self, i: usize) -> &RwLock<Option<Box<[u8]>>> {
+        // invariant: callers went through check_range.
         &self.pages[i]
+    }
+
+    /// The server checks every request against the export size; a direct caller gets an
+    /// error for a range past the end rather than a panic.
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range past the end of the disk",
+            )),
+        }
     }
 
     /// Zeroes `[offset, offset + len)`, freeing whole pages.
@@ -933,6 +946,7 @@ impl Backend for MemoryBackend {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
         let mut at = 0usize;
         while at < buf.len() {
             let pos = offset + at as u64;
@@ -950,6 +964,7 @@ impl Backend for MemoryBackend {
     }
 
     fn write(&self, offset: u64, buf: &[u8], _fua: bool) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
         let mut at = 0usize;
         while at < buf.len() {
             let pos = offset + at as u64;
@@ -971,6 +986,7 @@ impl Backend for MemoryBackend {
         _scratch: &mut Vec<u8>,
         send: &mut dyn FnMut(&[&[u8]]) -> io::Result<()>,
     ) -> io::Result<()> {
+        self.check_range(offset, len as u64)?;
         // Up to GROUP pages at a time, read-locked while the kernel copies them out.
         const GROUP: usize = 16;
         let zero_page = &ZEROES[..PAGE as usize];
@@ -1008,6 +1024,7 @@ impl Backend for MemoryBackend {
         _scratch: &mut Vec<u8>,
         fill: &mut dyn FnMut(&mut [&mut [u8]]) -> io::Result<()>,
     ) -> io::Result<()> {
+        self.check_range(offset, len as u64)?;
         // Up to GROUP pages at a time, write-locked while the kernel copies into them.
         const GROUP: usize = 16;
         let end = offset + len as u64;
@@ -1035,6 +1052,7 @@ impl Backend for MemoryBackend {
     }
 
     fn trim(&self, offset: u64, len: u64, _fua: bool) -> io::Result<()> {
+        self.check_range(offset, len)?;
         self.zero_range(offset, len);
         Ok(())
     }
@@ -1047,6 +1065,7 @@ impl Backend for MemoryBackend {
         _fast: bool,
         _fua: bool,
     ) -> io::Result<()> {
+        self.check_range(offset, len)?;
         if no_hole {
             // Allocated zeroes: write them (from the static page of zeroes: no allocation
             // per request).
@@ -1365,5 +1384,15 @@ mod tests {
                 status: 0
             }
         );
+    }
+
+    #[test]
+    fn memory_backend_refuses_ranges_past_the_end() {
+        let m = MemoryBackend::new(PAGE);
+        let mut buf = [0u8; 2];
+        assert!(m.read(PAGE - 1, &mut buf).is_err());
+        assert!(m.write(u64::MAX, b"x", false).is_err());
+        assert!(m.trim(PAGE, 1, false).is_err());
+        assert!(m.read(PAGE - 2, &mut buf).is_ok());
     }
 }
