@@ -935,7 +935,7 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                         io::Error::new(io::ErrorKind::InvalidInput, "write payload missing")
                     })?;
                     let mut bufs = [IoSlice::new(&self.wbuf[..used]), IoSlice::new(data)];
-                    write_all_vectored(&mut self.stream, &mut bufs)?;
+                    super::write_all_vectored(&mut self.stream, &mut bufs)?;
                     used = 0;
                 }
                 // Only a server sends zeroes; a client machine never asks for it.
@@ -1227,17 +1227,4 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
             _ => io::Error::from(e),
         }
     }
-}
-
-fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

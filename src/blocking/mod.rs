@@ -11,7 +11,7 @@
 //! `client::TlsConnector` or `server::TlsAcceptor` that the application implements
 //! (the examples do it with rustls), so the library has no TLS dependency.
 
-use std::io::{Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -28,3 +28,20 @@ pub use self::client::{
 /// `server::TlsAcceptor`).
 pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
+
+/// Writes every buffer of `bufs`, with as few system calls as the stream allows.
+pub(crate) fn write_all_vectored<W: Write + ?Sized>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

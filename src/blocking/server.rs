@@ -854,14 +854,7 @@ pub(crate) fn write_all_slices<W: Write + ?Sized>(
             *b = IoSlice::new(s);
         }
         n += take;
-        let mut slices = &mut bufs[..n];
-        while !slices.is_empty() {
-            let written = w.write_vectored(slices)?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            IoSlice::advance_slices(&mut slices, written);
-        }
+        super::write_all_vectored(w, &mut bufs[..n])?;
         first = false;
         at += take;
     }
