@@ -4,7 +4,7 @@
 
 use arrayvec::ArrayVec;
 
-use super::inflight::{InFlight, ReadTrack, Send, Track};
+use super::inflight::Send;
 use super::{Client, Phase};
 use crate::adversarial::{ClientChecks, Message};
 use crate::common::Transmit;
@@ -196,30 +196,10 @@ impl<const N: usize> ClientAdversary<'_, N> {
         if c.table.is_full() {
             return Err(Misuse::TooManyInFlight.into());
         }
-        let cookie = c.table.allocate_cookie();
-        let track = match command {
-            Command::Read => Track::Read(ReadTrack::default()),
-            Command::BlockStatus => Track::BlockStatus {
-                expected: 1u16
-                    .checked_shl(c.contexts.len() as u32)
-                    .map_or(u16::MAX, |bit| bit - 1),
-                seen: 0,
-            },
-            _ => Track::Other,
-        };
-        c.table
-            .push(InFlight {
-                cookie,
-                command,
-                flags,
-                offset,
-                len,
-                send: Send::Queued,
-                error: None,
-                track,
-            })
-            .map_err(|()| Misuse::TooManyInFlight)?;
-        Ok(cookie)
+        let every_context = 1u16
+            .checked_shl(c.contexts.len() as u32)
+            .map_or(u16::MAX, |bit| bit - 1);
+        c.enqueue(command, flags, offset, len, every_context)
     }
 }
 

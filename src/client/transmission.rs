@@ -279,6 +279,19 @@ impl<const N: usize> Client<N> {
             // proto.md (extended headers): WRITE MUST set PAYLOAD_LEN.
             sent_flags |= CmdFlags::PAYLOAD_LEN;
         }
+        self.enqueue(command, sent_flags, offset, len, ctx_mask)
+    }
+
+    /// Puts a checked command in the table, queued to be sent. `ctx_mask` is the set of
+    /// context ids (as bits of the negotiated list) a block-status reply must cover.
+    pub(super) fn enqueue(
+        &mut self,
+        command: Command,
+        flags: CmdFlags,
+        offset: u64,
+        len: u64,
+        ctx_mask: u16,
+    ) -> Result<Cookie, Error> {
         let cookie = self.table.allocate_cookie();
         let track = match command {
             Command::Read => Track::Read(ReadTrack::default()),
@@ -292,7 +305,7 @@ impl<const N: usize> Client<N> {
             .push(InFlight {
                 cookie,
                 command,
-                flags: sent_flags,
+                flags,
                 offset,
                 len,
                 send: Send::Queued,
