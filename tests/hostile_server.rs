@@ -826,6 +826,14 @@ fn read(p: &mut Pair, offset: u64, len: u32) -> Cookie {
 }
 
 /// Drives the pair and returns the error the client died with.
+/// The protocol rule the client says the server broke (it must have failed with one).
+fn violation(p: &mut Pair) -> Misbehavior {
+    match client_error(p) {
+        Error::PeerMisbehaved(m) => m,
+        e => panic!("expected a protocol violation, got {e:?}"),
+    }
+}
+
 fn client_error(p: &mut Pair) -> Error {
     assert!(
         !p.drive(),
@@ -942,10 +950,7 @@ fn reply_with_bad_magic() {
 fn reply_while_nothing_is_in_flight() {
     let mut p = pair(Form::Simple);
     simple(&mut p, Cookie(1), None);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnsolicitedReply)
-    );
+    assert_eq!(violation(&mut p), Misbehavior::UnsolicitedReply);
 }
 
 #[test]
@@ -974,8 +979,8 @@ fn simple_reply_for_an_unknown_cookie() {
     read(&mut p, 0, 512);
     simple(&mut p, Cookie(0xdead), Some(Errno::Io));
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnknownCookie(Cookie(0xdead)))
+        violation(&mut p),
+        Misbehavior::UnknownCookie(Cookie(0xdead))
     );
 }
 
@@ -985,8 +990,8 @@ fn chunk_for_an_unknown_cookie() {
     read(&mut p, 0, 512);
     chunk(&mut p, Cookie(0xdead), ChunkType::None, true, 0, &[]);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnknownCookie(Cookie(0xdead)))
+        violation(&mut p),
+        Misbehavior::UnknownCookie(Cookie(0xdead))
     );
 }
 
@@ -997,10 +1002,7 @@ fn duplicate_completion() {
     let other = read(&mut p, 0, 512);
     simple(&mut p, flush, None);
     simple(&mut p, flush, None);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnknownCookie(flush))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::UnknownCookie(flush));
     assert_eq!(p.result(flush), Some(Ok(())), "the first one counted");
     assert_eq!(p.client.poll_event(), Some(abandoned(other)));
     assert_eq!(p.client.poll_event(), None);
@@ -1016,8 +1018,8 @@ fn simple_reply_to_a_read_after_structured_replies() {
     let r = read(&mut p, 0, 512);
     simple(&mut p, r, None);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::SimpleReplyToStructuredRead(r))
+        violation(&mut p),
+        Misbehavior::SimpleReplyToStructuredRead(r)
     );
 }
 
@@ -1037,8 +1039,8 @@ fn simple_reply_after_extended_headers() {
     let f = issue(&mut p, |p| p.client.flush(CmdFlags::empty()).unwrap());
     simple(&mut p, f, None);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::SimpleReplyWithExtendedHeaders(f))
+        violation(&mut p),
+        Misbehavior::SimpleReplyWithExtendedHeaders(f)
     );
 }
 
@@ -1048,8 +1050,8 @@ fn structured_chunk_without_negotiation() {
     let r = read(&mut p, 0, 512);
     chunk(&mut p, r, ChunkType::None, true, 0, &[]);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::StructuredReplyNotNegotiated(r))
+        violation(&mut p),
+        Misbehavior::StructuredReplyNotNegotiated(r)
     );
 }
 
@@ -1071,10 +1073,7 @@ fn extended_chunk_without_extended_headers() {
             payload: &[],
         },
     );
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::WrongChunkForm(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::WrongChunkForm(r));
 }
 
 #[test]
@@ -1095,10 +1094,7 @@ fn structured_chunk_after_extended_headers() {
             payload: &[],
         },
     );
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::WrongChunkForm(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::WrongChunkForm(r));
 }
 
 #[test]
@@ -1106,10 +1102,7 @@ fn extended_chunk_that_does_not_echo_the_offset() {
     let mut p = pair(Form::Extended);
     let r = read(&mut p, 4096, 512);
     chunk(&mut p, r, ChunkType::None, true, 0, &[]);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOffsetMismatch(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::ChunkOffsetMismatch(r));
 }
 
 #[test]
@@ -1142,12 +1135,12 @@ fn data_chunk_past_the_request() {
     p.server.adversary().relax(ServerChecks::READ_CHUNKS);
     p.server.reply_read_data(r, 2048, 4096).unwrap();
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOutOfRange {
+        violation(&mut p),
+        Misbehavior::ChunkOutOfRange {
             cookie: r,
             offset: 2048,
             len: 4096,
-        })
+        }
     );
 }
 
@@ -1164,12 +1157,12 @@ fn hole_chunk_before_the_request() {
         &hole_payload(4096, 4096),
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOutOfRange {
+        violation(&mut p),
+        Misbehavior::ChunkOutOfRange {
             cookie: r,
             offset: 4096,
             len: 4096,
-        })
+        }
     );
 }
 
@@ -1182,11 +1175,11 @@ fn overlapping_chunks() {
     p.server.reply_read_hole(r, 0, 4096).unwrap();
     p.server.reply_read_data(r, 2048, 4096).unwrap();
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOverlap {
+        violation(&mut p),
+        Misbehavior::ChunkOverlap {
             cookie: r,
             offset: 2048,
-        })
+        }
     );
 }
 
@@ -1197,10 +1190,7 @@ fn fragmented_df_read() {
     p.server.adversary().relax(ServerChecks::READ_CHUNKS);
     p.server.reply_read_hole(r, 0, 4096).unwrap();
     p.server.reply_read_hole(r, 4096, 4096).unwrap();
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::FragmentedDfRead(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::FragmentedDfRead(r));
 }
 
 #[test]
@@ -1215,10 +1205,7 @@ fn zero_length_hole() {
         0,
         &hole_payload(0, 0),
     );
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::EmptyHole(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::EmptyHole(r));
 }
 
 #[test]
@@ -1277,12 +1264,12 @@ fn data_chunk_declaring_4_gib() {
         },
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOutOfRange {
+        violation(&mut p),
+        Misbehavior::ChunkOutOfRange {
             cookie: r,
             offset: 0,
             len: u64::from(u32::MAX) - 8,
-        })
+        }
     );
 }
 
@@ -1299,12 +1286,12 @@ fn extended_data_chunk_declaring_2_pow_63() {
         },
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOutOfRange {
+        violation(&mut p),
+        Misbehavior::ChunkOutOfRange {
             cookie: r,
             offset: 0,
             len: (1 << 63) - 8,
-        })
+        }
     );
 }
 
@@ -1327,10 +1314,7 @@ fn none_chunk_without_done() {
     let mut p = pair(Form::Structured);
     let f = issue(&mut p, |p| p.client.flush(CmdFlags::empty()).unwrap());
     chunk(&mut p, f, ChunkType::None, false, 0, &[]);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::NoneWithoutDone(f))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::NoneWithoutDone(f));
 }
 
 #[test]
@@ -1345,10 +1329,7 @@ fn done_before_the_read_is_covered() {
         0,
         &hole_payload(0, 4096),
     );
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::IncompleteRead(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::IncompleteRead(r));
 }
 
 #[test]
@@ -1390,10 +1371,7 @@ fn chunk_after_done() {
         &hole_payload(0, 4096),
     );
     chunk(&mut p, r, ChunkType::None, true, 0, &[]);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnknownCookie(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::UnknownCookie(r));
     assert_eq!(p.result(r), Some(Ok(())));
     assert_eq!(p.client.poll_event(), Some(abandoned(keep)));
 }
@@ -1413,11 +1391,11 @@ fn content_chunk_for_a_trim() {
         &hole_payload(0, 512),
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnexpectedChunk {
+        violation(&mut p),
+        Misbehavior::UnexpectedChunk {
             cookie: w,
             chunk_type: ChunkType::OffsetHole,
-        })
+        }
     );
 }
 
@@ -1427,11 +1405,11 @@ fn unknown_chunk_type_without_the_error_bit() {
     let r = read(&mut p, 0, 512);
     chunk(&mut p, r, ChunkType::Unknown(0x0042), true, 0, &[1, 2, 3]);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnexpectedChunk {
+        violation(&mut p),
+        Misbehavior::UnexpectedChunk {
             cookie: r,
             chunk_type: ChunkType::Unknown(0x0042),
-        })
+        }
     );
 }
 
@@ -1483,10 +1461,7 @@ fn error_chunk_with_error_zero() {
         0,
         &error_payload(0, 0, b"", None),
     );
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ZeroError(r))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::ZeroError(r));
 }
 
 #[test]
@@ -1523,11 +1498,11 @@ fn error_chunk_longer_than_any_message() {
         },
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkTooLong {
+        violation(&mut p),
+        Misbehavior::ChunkTooLong {
             cookie: r,
             len: 100_000,
-        })
+        }
     );
 }
 
@@ -1541,12 +1516,12 @@ fn error_offset_outside_the_request() {
         .reply_error_at(r, Errno::Io, "bad sector", 0)
         .unwrap();
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOutOfRange {
+        violation(&mut p),
+        Misbehavior::ChunkOutOfRange {
             cookie: r,
             offset: 0,
             len: 0,
-        })
+        }
     );
 }
 
@@ -1566,11 +1541,11 @@ fn content_over_an_earlier_error_offset() {
         &hole_payload(0, 8192),
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ChunkOverlap {
+        violation(&mut p),
+        Misbehavior::ChunkOverlap {
             cookie: r,
             offset: 0
-        })
+        }
     );
     assert!(p
         .client_log
@@ -1634,10 +1609,7 @@ fn extent_of_zero_length() {
         0,
         &bs_payload(id, &[(4096, 0), (0, 3)]),
     );
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ZeroLengthExtent(b))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::ZeroLengthExtent(b));
 }
 
 #[test]
@@ -1653,8 +1625,8 @@ fn block_status_for_a_context_never_negotiated() {
         &bs_payload(77, &[(8192, 0)]),
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnknownContext { cookie: b, id: 77 })
+        violation(&mut p),
+        Misbehavior::UnknownContext { cookie: b, id: 77 }
     );
 }
 
@@ -1667,8 +1639,8 @@ fn two_chunks_for_one_context() {
     chunk(&mut p, b, ChunkType::BlockStatusExt, false, 0, &payload);
     chunk(&mut p, b, ChunkType::BlockStatusExt, false, 0, &payload);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::DuplicateContextChunk { cookie: b, id })
+        violation(&mut p),
+        Misbehavior::DuplicateContextChunk { cookie: b, id }
     );
 }
 
@@ -1686,10 +1658,7 @@ fn block_status_missing_a_context() {
         0,
         &bs_payload(id, &[(8192, 0)]),
     );
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::MissingContextChunk(b))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::MissingContextChunk(b));
 }
 
 #[test]
@@ -1700,8 +1669,8 @@ fn wide_extents_without_extended_headers() {
     let payload = bs_ext_payload(id, &[(8192, 0)]);
     chunk(&mut p, b, ChunkType::BlockStatusExt, true, 0, &payload);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::WideExtentsWithoutExtendedHeaders(b))
+        violation(&mut p),
+        Misbehavior::WideExtentsWithoutExtendedHeaders(b)
     );
 }
 
@@ -1739,10 +1708,7 @@ fn req_one_answered_with_two_extents() {
     let id = p.client.contexts()[0];
     let payload = bs_payload(id, &[(4096, 0), (4096, 3)]);
     chunk(&mut p, b, ChunkType::BlockStatus, false, 0, &payload);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ReqOneViolated(b))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::ReqOneViolated(b));
 }
 
 #[test]
@@ -1753,10 +1719,7 @@ fn extents_running_past_the_request() {
     // The last extent may run past the end; one after it may not.
     let payload = bs_payload(id, &[(4096, 0), (8192, 3), (512, 0)]);
     chunk(&mut p, b, ChunkType::BlockStatus, false, 0, &payload);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::ExtentsOutOfRange(b))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::ExtentsOutOfRange(b));
 }
 
 #[test]
@@ -1807,11 +1770,11 @@ fn block_status_chunk_for_a_read() {
         &bs_payload(id, &[(512, 0)]),
     );
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnexpectedChunk {
+        violation(&mut p),
+        Misbehavior::UnexpectedChunk {
             cookie: r,
             chunk_type: ChunkType::BlockStatus,
-        })
+        }
     );
 }
 
@@ -1820,10 +1783,7 @@ fn simple_success_for_block_status() {
     let mut p = pair(Form::Structured);
     let b = block_status(&mut p, 0, 8192, CmdFlags::empty());
     simple(&mut p, b, None);
-    assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::MissingContextChunk(b))
-    );
+    assert_eq!(violation(&mut p), Misbehavior::MissingContextChunk(b));
 }
 
 #[test]
@@ -1861,11 +1821,11 @@ fn block_status_for_a_context_not_asked_for() {
     let payload = bs_ext_payload(ids[1], &[(8192, 1)]);
     chunk(&mut p, b, ChunkType::BlockStatusExt, true, 0, &payload);
     assert_eq!(
-        client_error(&mut p),
-        Error::PeerMisbehaved(Misbehavior::UnknownContext {
+        violation(&mut p),
+        Misbehavior::UnknownContext {
             cookie: b,
             id: ids[1]
-        })
+        }
     );
 }
 
@@ -1972,6 +1932,8 @@ fn serve_lying_reads(listener: UnixListener) -> Result<Vec<String>, String> {
                 _ => Ok(()),
             };
             if r.is_err() {
+                // The client hung up while the reply was still going out.
+                log.push("eof (write failed)".to_string());
                 return Ok(log);
             }
         }
@@ -1983,6 +1945,7 @@ fn serve_lying_reads(listener: UnixListener) -> Result<Vec<String>, String> {
                 let mut buf = vec![0u8; len.min(65536)];
                 let n = sock.read(&mut buf).map_err(|e| e.to_string())?;
                 if n == 0 {
+                    log.push("eof (in a payload)".to_string());
                     return Ok(log);
                 }
                 server.handle_payload(n).map_err(|e| e.to_string())?;
@@ -2059,5 +2022,10 @@ except nbd.Error as e:
         stdout.contains("ERROR: nbd_pread: range of structured reply is out of bounds, offset=512"),
         "libnbd should name the broken rule: {stdout}"
     );
-    assert_eq!(log.last().map(String::as_str), Some("eof"), "{log:?}");
+    // ... and hangs up, which the server sees as end of file or, when the hang-up races
+    // the rest of the reply, as a failed write.
+    assert!(
+        log.last().is_some_and(|e| e.starts_with("eof")),
+        "libnbd should hang up after the bad chunk: {log:?}"
+    );
 }
