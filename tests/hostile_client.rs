@@ -1,7 +1,8 @@
 //! Hostile clients against our server: one test per behaviour, each asserting the exact
 //! errno the server replied (and that the connection goes on), or the exact fatal error,
 //! and that nothing hangs: every driver loop is bounded, and huge declared lengths are
-//! streamed as counts, never materialised.
+//! streamed as counts, never materialised. A counting allocator measures each test's heap
+//! and fails it above a stated bound (`HEAP_BOUND`).
 //!
 //! Two kinds of hostile client are used: scripted byte streams built with the wire codecs
 //! (through [`Message`]), and our own client machine in adversarial mode, talking to the
@@ -10,7 +11,20 @@
 //! answer). The last tests run our adversarial client against qemu-nbd and nbdkit over a
 //! Unix socket.
 
+#[path = "support/heap.rs"]
+mod heap;
 mod support;
+
+/// Every test of both hostile suites is measured: its thread's heap never grows more
+/// than `HEAP_BOUND` bytes (checked when the test's harness is dropped; run with
+/// `NBD_HEAP_REPORT=1 ... -- --nocapture` to see each peak). Measured peaks run from
+/// 64 KiB to 1.9 MB, made of the in-memory pair's 1 MiB disk and the largest scripted
+/// inputs; hostile declared lengths (4 GiB options, 100 MB names, 2^20 extents, 2^32-1
+/// byte writes) are streamed through in pieces and add nothing.
+const HEAP_BOUND: usize = 4 << 20;
+
+#[global_allocator]
+static HEAP: heap::Counting = heap::Counting;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -50,6 +64,8 @@ type S = Server<16>;
 /// application behind it: one export, `base:allocation` (ID 1), reads answered as holes,
 /// everything else answered with success.
 struct Scripted {
+    /// Created first, so the harness's own buffers count too.
+    _heap: heap::Bound,
     server: S,
     export: ExportInfo<'static>,
     input: Vec<u8>,
@@ -73,6 +89,7 @@ struct Scripted {
 impl Scripted {
     fn new(config: ServerConfig) -> Self {
         let mut s = Self {
+            _heap: heap::Bound::new(HEAP_BOUND),
             server: S::new(config),
             export: ExportInfo::new(SIZE, FLAGS),
             input: Vec::new(),
@@ -1211,12 +1228,19 @@ fn write_to_a_read_only_export_after_its_data() {
 
 // ======================= adversarial client through the pair =======================
 
+/// An in-memory pair whose test is measured against `HEAP_BOUND`.
+type MeasuredPair = heap::Measured<Pair>;
+
+fn measured_pair(client: &ClientConfig<'_>, server: ServerConfig, size: usize) -> MeasuredPair {
+    heap::Measured::new(HEAP_BOUND, || Pair::new(client, server, size))
+}
+
 /// Our client and our server in the given form, replies immediately.
-fn pair(structured: bool, extended: bool) -> Pair {
+fn pair(structured: bool, extended: bool) -> MeasuredPair {
     let mut config = ClientConfig::new("");
     config.structured_replies = structured;
     config.extended_headers = extended;
-    let mut p = Pair::new(&config, ServerConfig::default(), SIZE as usize);
+    let mut p = measured_pair(&config, ServerConfig::default(), SIZE as usize);
     assert!(p.drive(), "{:?}", p.error);
     assert_eq!(p.client.state(), ClientState::Ready);
     p
@@ -1258,7 +1282,7 @@ fn write_past_the_end() {
 fn trim_on_a_read_only_export() {
     let mut config = ClientConfig::new("");
     config.extended_headers = false;
-    let mut p = Pair::new(&config, ServerConfig::default(), SIZE as usize);
+    let mut p = measured_pair(&config, ServerConfig::default(), SIZE as usize);
     p.flags |= TransmissionFlags::READ_ONLY;
     assert!(p.drive(), "{:?}", p.error);
     // A read-only export does not advertise TRIM either: relax both checks.
@@ -1275,7 +1299,7 @@ fn trim_on_a_read_only_export() {
 fn fua_when_not_advertised() {
     let mut config = ClientConfig::new("");
     config.extended_headers = false;
-    let mut p = Pair::new(&config, ServerConfig::default(), SIZE as usize);
+    let mut p = measured_pair(&config, ServerConfig::default(), SIZE as usize);
     p.flags.remove(TransmissionFlags::SEND_FUA);
     assert!(p.drive(), "{:?}", p.error);
     assert!(p.client.flush(CmdFlags::FUA).is_err(), "refused locally");
@@ -1288,7 +1312,7 @@ fn fua_when_not_advertised() {
 fn fast_zero_when_not_advertised() {
     let mut config = ClientConfig::new("");
     config.extended_headers = false;
-    let mut p = Pair::new(&config, ServerConfig::default(), SIZE as usize);
+    let mut p = measured_pair(&config, ServerConfig::default(), SIZE as usize);
     p.flags.remove(TransmissionFlags::SEND_FAST_ZERO);
     assert!(p.drive(), "{:?}", p.error);
     p.client.adversary().relax(ClientChecks::FLAGS);
@@ -1303,7 +1327,7 @@ fn unadvertised_command() {
     let mut config = ClientConfig::new("");
     config.structured_replies = false;
     config.extended_headers = false;
-    let mut p = Pair::new(&config, ServerConfig::default(), SIZE as usize);
+    let mut p = measured_pair(&config, ServerConfig::default(), SIZE as usize);
     p.flags.remove(TransmissionFlags::SEND_CACHE);
     assert!(p.drive(), "{:?}", p.error);
     p.client.adversary().relax(ClientChecks::COMMANDS);
@@ -1365,7 +1389,7 @@ fn injected_client_flags_twice_are_read_as_an_option() {
     // must start.
     let mut config = ClientConfig::new("");
     config.manual = true;
-    let mut p = Pair::new(&config, ServerConfig::default(), SIZE as usize);
+    let mut p = measured_pair(&config, ServerConfig::default(), SIZE as usize);
     assert!(p.drive(), "{:?}", p.error);
     p.client
         .adversary()
@@ -1440,6 +1464,7 @@ fn drive_until(
 /// Our client, in adversarial mode, sends an unknown command and a past-the-end read to
 /// a real server, gets `NBD_EINVAL` for both, and the connection carries on.
 fn adversarial_client_against(socket: &Path) {
+    let _heap = heap::Bound::new(HEAP_BOUND);
     let mut sock = UnixStream::connect(socket).unwrap();
     sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .unwrap();
