@@ -691,6 +691,61 @@ mod tests {
         }
 
         #[test]
+        fn chunk_payload_roundtrip(
+            p in chunk_payload_owned(),
+            extended in any::<bool>(),
+            done in any::<bool>(),
+            cookie in any::<u64>(),
+        ) {
+            // Header and payload encoded as a peer would send them (OFFSET_DATA without its
+            // data), decoded back, and every strict prefix reports the bytes still needed.
+            let p = p.0;
+            let (chunk_type, len) = match p {
+                ChunkPayload::None => (ChunkType::None, 0),
+                ChunkPayload::OffsetData(d) => (ChunkType::OffsetData, d.chunk_len().unwrap()),
+                ChunkPayload::OffsetHole(_) => (ChunkType::OffsetHole, OffsetHole::LEN as u64),
+                ChunkPayload::BlockStatus(b) => (
+                    if b.extents.is_wide() { ChunkType::BlockStatusExt } else { ChunkType::BlockStatus },
+                    b.buffer_len() as u64,
+                ),
+                ChunkPayload::Error(e) => (e.chunk_type(), e.buffer_len() as u64),
+                ChunkPayload::Unknown(_) => unreachable!("not generated"),
+            };
+            // A compact chunk header carries a 32-bit length.
+            prop_assume!(extended || len <= u64::from(u32::MAX));
+            let header = ChunkHeader {
+                flags: if done { ReplyFlags::DONE } else { ReplyFlags::empty() },
+                chunk_type,
+                cookie: Cookie(cookie),
+                offset: extended.then_some(0),
+                len,
+            };
+            let hlen = header.buffer_len();
+            let end = hlen + ChunkPayload::buffered_len(&header) as usize;
+            let mut buf = vec![0xa5; end];
+            header.emit(&mut buf).unwrap();
+            let written = match p {
+                ChunkPayload::None => 0,
+                ChunkPayload::OffsetData(d) => d.emit(&mut buf[hlen..]).unwrap(),
+                ChunkPayload::OffsetHole(x) => x.emit(&mut buf[hlen..]).unwrap(),
+                ChunkPayload::BlockStatus(b) => b.emit(&mut buf[hlen..]).unwrap(),
+                ChunkPayload::Error(e) => e.emit(&mut buf[hlen..]).unwrap(),
+                ChunkPayload::Unknown(_) => unreachable!(),
+            };
+            prop_assert_eq!(hlen + written, end);
+            prop_assert_eq!(ChunkPayload::parse_message(&buf), Ok((header, p, end)));
+            prop_assert_eq!(ChunkPayload::parse(&header, &buf[hlen..]), Ok(p));
+            for k in 0..end {
+                let needed = if k < 4 { 4 - k } else if k < hlen { hlen - k } else { end - k };
+                prop_assert_eq!(
+                    ChunkPayload::parse_message(&buf[..k]),
+                    Err(Error::Truncated { needed }),
+                    "prefix of {} bytes", k
+                );
+            }
+        }
+
+        #[test]
         fn chunk_arbitrary_bytes(bytes in chunk_bytes()) {
             if let Ok((h, p, n)) = ChunkPayload::parse_message(&bytes) {
                 let mut out = vec![0u8; n];

@@ -259,8 +259,28 @@ mod tests {
                 status: 3
             }]
         );
-        assert!(Extents::new(&wide[..15], true).is_err());
-        assert!(Extents::new(&narrow[..7], false).is_err());
+        // A payload cut inside a descriptor is malformed; a lone descriptor cut short says
+        // how many bytes it still needs.
+        assert!(matches!(
+            Extents::new(&wide[..15], true),
+            Err(Error::BadLength { .. })
+        ));
+        assert!(matches!(
+            Extents::new(&narrow[..7], false),
+            Err(Error::BadLength { .. })
+        ));
+        for k in 0..16 {
+            assert_eq!(
+                Extent::parse(&wide[..k], true),
+                Err(Error::Truncated { needed: 16 - k })
+            );
+        }
+        for k in 0..8 {
+            assert_eq!(
+                Extent::parse(&narrow[..k], false),
+                Err(Error::Truncated { needed: 8 - k })
+            );
+        }
     }
 
     #[test]

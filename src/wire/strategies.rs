@@ -9,7 +9,8 @@ use core::fmt;
 use proptest::prelude::*;
 
 use super::*;
-use crate::wire::chunk::ErrorChunk;
+use crate::wire::chunk::{BlockStatus, ChunkPayload, ErrorChunk, OffsetDataHeader, OffsetHole};
+use crate::wire::extent::{emit_extents, Extent};
 
 fn leak_str(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
@@ -259,6 +260,55 @@ impl ErrorChunkStatic {
 
 pub fn error_chunk_owned() -> impl Strategy<Value = ErrorChunkStatic> {
     error_chunk().prop_map(ErrorChunkStatic)
+}
+
+/// A block-status payload of either form: 1 to 32 descriptors (lengths and statuses kept
+/// to 32 bits in the narrow form).
+pub fn block_status() -> impl Strategy<Value = BlockStatus<'static>> {
+    (
+        any::<u32>(),
+        any::<bool>(),
+        prop::collection::vec((any::<u64>(), any::<u64>()), 1..32),
+    )
+        .prop_map(|(context_id, wide, v)| {
+            let mask = if wide { u64::MAX } else { 0xffff_ffff };
+            let v: Vec<Extent> = v
+                .into_iter()
+                .map(|(len, status)| Extent {
+                    len: len & mask,
+                    status: status & mask,
+                })
+                .collect();
+            let mut bytes = vec![0; v.len() * Extent::width(wide)];
+            emit_extents(&v, wide, &mut bytes).unwrap();
+            BlockStatus {
+                context_id,
+                extents: Extents::new(leak(bytes), wide).unwrap(),
+            }
+        })
+}
+
+/// Every decodable chunk payload except [`ChunkPayload::Unknown`] (whose type is not
+/// in the value): `OFFSET_DATA` with 1 byte to 2^64 - 9 bytes of data declared.
+pub fn chunk_payload() -> impl Strategy<Value = ChunkPayload<'static>> {
+    prop_oneof![
+        Just(ChunkPayload::None),
+        (any::<u64>(), 1..=u64::MAX - 8).prop_map(|(offset, data_len)| {
+            ChunkPayload::OffsetData(OffsetDataHeader { offset, data_len })
+        }),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(offset, len)| ChunkPayload::OffsetHole(OffsetHole { offset, len })),
+        block_status().prop_map(ChunkPayload::BlockStatus),
+        error_chunk().prop_map(ChunkPayload::Error),
+    ]
+}
+
+/// A [`ChunkPayload`] with `'static` borrows.
+#[derive(Debug, Clone)]
+pub struct ChunkPayloadStatic(pub ChunkPayload<'static>);
+
+pub fn chunk_payload_owned() -> impl Strategy<Value = ChunkPayloadStatic> {
+    chunk_payload().prop_map(ChunkPayloadStatic)
 }
 
 /// Flips or overwrites a few bytes of a valid encoding, or truncates it.
