@@ -8,8 +8,8 @@
 //! (through [`Message`]), and our own client machine in adversarial mode, talking to the
 //! server through the in-memory [`Pair`] (its relaxed checks and `command` send requests
 //! its own validation would refuse, and its reply checks then verify the server's
-//! answer). The last tests run our adversarial client against qemu-nbd and nbdkit over a
-//! Unix socket.
+//! answer). The last tests run our adversarial client against our blocking server,
+//! qemu-nbd and nbdkit over a Unix socket.
 
 #[path = "support/heap.rs"]
 mod heap;
@@ -1512,6 +1512,32 @@ fn adversarial_client_against(socket: &Path) {
         sock.write_all(&out[..n]).unwrap();
     }
     assert_eq!(client.state(), ClientState::Ready);
+}
+
+#[test]
+fn adversarial_client_against_our_server() {
+    // Our own blocking server, in-process on a Unix socket: the raw unknown command and
+    // the past-the-end read reach it as bytes from a socket, not through the Pair.
+    use nbd_proto::blocking::server::{serve, Export, MemoryBackend, Options};
+    use std::os::unix::net::UnixListener;
+    use std::sync::Arc;
+
+    let dir = support::TestDir::new();
+    let path = dir.join("ours.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let options = Options::new(vec![Export::new("", Arc::new(MemoryBackend::new(SIZE)))]);
+    let server = std::thread::Builder::new()
+        .name("our-server".into())
+        .spawn(move || {
+            // The heap is counted per thread: the server's connection is measured here.
+            let _heap = heap::Bound::new(HEAP_BOUND);
+            let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+            serve(stream, &options).map_err(|e| e.to_string())
+        })
+        .unwrap();
+    adversarial_client_against(&path);
+    // The client sent NBD_CMD_DISC and closed its socket: the session ends cleanly.
+    server.join().unwrap().unwrap();
 }
 
 #[test]

@@ -97,9 +97,17 @@ const FLAGS: TransmissionFlags = TransmissionFlags::from_bits(
 /// A server in transmission, after the given options and a GO for "disk" (1 MiB).
 fn serving(options: &[Opt<'_>], info: ExportInfo<'_>) -> S {
     let mut s = negotiating(ServerConfig::default());
+    negotiate(&mut s, options);
+    go_disk(&mut s, info);
+    s
+}
+
+/// Sends `options`, each of which must end in an ACK; meta-context queries are answered
+/// from `base:allocation` (ID 0) and `qemu:dirty-bitmap:bm0` (ID 7).
+fn negotiate(s: &mut S, options: &[Opt<'_>]) {
     for o in options {
         let b = opt(o);
-        match feed(&mut s, &b) {
+        match feed(s, &b) {
             None => {}
             Some(ServerEvent::MetaContexts(q)) => {
                 for name in q.matching(&["base:allocation", "qemu:dirty-bitmap:bm0"]) {
@@ -110,28 +118,31 @@ fn serving(options: &[Opt<'_>], info: ExportInfo<'_>) -> S {
             }
             Some(e) => panic!("{e:?}"),
         }
-        let replies = bytes(&mut s);
+        let replies = bytes(s);
         assert!(
             matches!(opt_replies(&replies).last(), Some((_, OptReply::Ack))),
             "{o:?}"
         );
     }
+}
+
+/// Sends a GO for "disk", answers it with `info`, and checks transmission started.
+fn go_disk(s: &mut S, info: ExportInfo<'_>) {
     let go = opt(&Opt::Go(ExportRequest {
         name: "disk",
         infos: InfoList::new(&[InfoType::BlockSize]),
     }));
-    let Some(ServerEvent::Export(q)) = feed(&mut s, &go) else {
+    let Some(ServerEvent::Export(q)) = feed(s, &go) else {
         panic!()
     };
     assert_eq!((q.kind, q.name), (ExportQueryKind::Go, "disk"));
     s.answer_export(&info).unwrap();
-    let replies = bytes(&mut s);
+    let replies = bytes(s);
     assert!(matches!(
         opt_replies(&replies).last(),
         Some((OptCode::Go, OptReply::Ack))
     ));
     assert_eq!(s.state(), State::Transmission);
-    s
 }
 
 fn disk() -> ExportInfo<'static> {
@@ -190,6 +201,14 @@ fn reply_errno(out: &[u8]) -> Errno {
             e.error
         }
     }
+}
+
+/// A simple reply as raw bytes: magic, error, cookie.
+fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
+    let mut b = vec![0x67, 0x44, 0x66, 0x98];
+    b.extend(error.to_be_bytes());
+    b.extend(cookie.to_be_bytes());
+    b
 }
 
 #[test]
@@ -644,6 +663,218 @@ fn selective_tls_export() {
     assert_eq!(s.state(), State::Negotiating);
 }
 
+/// A SELECTIVETLS server past the client flags.
+fn selective_tls() -> S {
+    negotiating(ServerConfig {
+        tls: TlsPolicy::Optional,
+        ..ServerConfig::default()
+    })
+}
+
+/// STARTTLS, its ACK, and the switch to TLS.
+fn switch_to_tls(s: &mut S) {
+    assert_eq!(feed(s, &opt(&Opt::StartTls)), Some(ServerEvent::StartTls));
+    assert_eq!(opt_replies(&bytes(s)), [(OptCode::StartTls, OptReply::Ack)]);
+    s.tls_established().unwrap();
+    assert_eq!(s.state(), State::Negotiating);
+}
+
+#[test]
+fn starttls_forgets_extended_headers() {
+    // proto.md: after STARTTLS the server MUST forget extended headers negotiated in
+    // plaintext. A client that does not ask again sends compact requests and gets simple
+    // replies.
+    let mut s = selective_tls();
+    negotiate(&mut s, &[Opt::ExtendedHeaders]);
+    assert_eq!(s.reply_form(), ReplyForm::Extended);
+    switch_to_tls(&mut s);
+    go_disk(&mut s, disk());
+    assert_eq!(s.reply_form(), ReplyForm::Simple);
+    assert_eq!(s.wants(), Want::Bytes(Request::COMPACT_LEN));
+    let r = request(&s, Command::Read, CmdFlags::empty(), 1, 0, 512);
+    assert_eq!(r.len(), Request::COMPACT_LEN);
+    assert!(feed(&mut s, &r).is_some());
+    s.reply_read_data(Cookie(1), 0, 512).unwrap();
+    assert_eq!(
+        drain(&mut s),
+        [
+            Out::Bytes(simple_reply(0, 1)),
+            Out::Payload(Cookie(1), 0, 512)
+        ]
+    );
+    // An extended request is now the wrong form.
+    let x = Request {
+        flags: CmdFlags::empty(),
+        command: Command::Read,
+        cookie: Cookie(2),
+        offset: 0,
+        len: 512,
+        extended: true,
+    };
+    let mut b = [0u8; Request::EXTENDED_LEN];
+    x.emit(&mut b).unwrap();
+    assert_eq!(
+        s.handle_input(&b).unwrap_err(),
+        Error::PeerMisbehaved(Misbehavior::WrongRequestForm)
+    );
+}
+
+#[test]
+fn starttls_forgets_selected_meta_contexts() {
+    // proto.md: BLOCK_STATUS needs a SET_META_CONTEXT with no STARTTLS after it. Here the
+    // client selects base:allocation in plaintext, upgrades, asks for structured replies
+    // again but not for the context, and goes: block status has no context.
+    let mut s = selective_tls();
+    negotiate(
+        &mut s,
+        &[
+            Opt::StructuredReply,
+            Opt::SetMetaContext(MetaContextRequest {
+                export: "disk",
+                queries: Queries::new(&["base:allocation"]),
+            }),
+        ],
+    );
+    assert_eq!(s.contexts(), [0]);
+    switch_to_tls(&mut s);
+    assert_eq!(s.contexts(), []);
+    negotiate(&mut s, &[Opt::StructuredReply]);
+    go_disk(&mut s, disk());
+    assert_eq!(s.reply_form(), ReplyForm::Structured);
+    assert_eq!(s.contexts(), []);
+    assert_eq!(
+        refused(&mut s, Command::BlockStatus, CmdFlags::empty(), 0, 4096),
+        Errno::Inval
+    );
+}
+
+/// A FORCEDTLS server past the client flags.
+fn forced_tls() -> S {
+    negotiating(ServerConfig {
+        tls: TlsPolicy::Required,
+        ..ServerConfig::default()
+    })
+}
+
+#[test]
+fn tls_required_still_acks_abort() {
+    // proto.md: FORCEDTLS refuses every option but STARTTLS and ABORT; ABORT gets its ACK,
+    // then the session ends.
+    let mut s = forced_tls();
+    assert_eq!(feed(&mut s, &opt(&Opt::Abort)), None);
+    assert_eq!(
+        opt_replies(&bytes(&mut s)),
+        [(OptCode::Abort, OptReply::Ack)]
+    );
+    assert_eq!(s.state(), State::Closed);
+    assert!(s.is_finished());
+    assert_eq!(s.wants(), Want::Nothing);
+}
+
+#[test]
+fn tls_required_refuses_other_options_and_goes_on() {
+    let mut s = forced_tls();
+    let export = ExportRequest {
+        name: "disk",
+        infos: InfoList::new(&[InfoType::BlockSize]),
+    };
+    let meta = MetaContextRequest {
+        export: "disk",
+        queries: Queries::new(&["base:allocation"]),
+    };
+    let options = [
+        Opt::Info(export),
+        Opt::Go(export),
+        Opt::ListMetaContext(meta),
+        Opt::SetMetaContext(meta),
+        Opt::ExtendedHeaders,
+        Opt::Unknown {
+            code: 42,
+            data: b"",
+        },
+    ];
+    for o in options {
+        // The machine answers on its own: the application is never asked.
+        assert_eq!(feed(&mut s, &opt(&o)), None, "{o:?}");
+        assert_eq!(
+            opt_replies(&bytes(&mut s)),
+            [(
+                o.code(),
+                OptReply::Error {
+                    error: OptError::TlsReqd,
+                    message: "TLS is required"
+                }
+            )],
+            "{o:?}"
+        );
+        assert_eq!(s.state(), State::Negotiating, "{o:?}");
+        assert_eq!(s.wants(), Want::Bytes(OptHeader::LEN), "{o:?}");
+    }
+    // Nothing refused took effect.
+    assert_eq!(s.reply_form(), ReplyForm::Simple);
+    assert_eq!(s.contexts(), []);
+}
+
+#[test]
+fn selective_tls_info_refuses_only_tls_only_exports() {
+    let mut s = selective_tls();
+    let info = |name| {
+        opt(&Opt::Info(ExportRequest {
+            name,
+            infos: InfoList::new(&[]),
+        }))
+    };
+    let b = info("secret");
+    let Some(ServerEvent::Export(q)) = feed(&mut s, &b) else {
+        panic!()
+    };
+    assert_eq!((q.kind, q.name), (ExportQueryKind::Info, "secret"));
+    let mut secret = disk();
+    secret.tls_only = true;
+    s.answer_export(&secret).unwrap();
+    assert_eq!(
+        opt_replies(&bytes(&mut s)),
+        [(
+            OptCode::Info,
+            OptReply::Error {
+                error: OptError::TlsReqd,
+                message: "this export needs TLS"
+            }
+        )]
+    );
+    assert_eq!(s.state(), State::Negotiating);
+
+    // A plain export is described before TLS, and negotiation goes on.
+    let b = info("disk");
+    let Some(ServerEvent::Export(q)) = feed(&mut s, &b) else {
+        panic!()
+    };
+    assert_eq!((q.kind, q.name), (ExportQueryKind::Info, "disk"));
+    s.answer_export(&disk()).unwrap();
+    // Without structured replies or extended headers: no DF, no block-status payload.
+    let flags = TransmissionFlags::HAS_FLAGS
+        | TransmissionFlags::SEND_FLUSH
+        | TransmissionFlags::SEND_FUA
+        | TransmissionFlags::SEND_TRIM
+        | TransmissionFlags::SEND_WRITE_ZEROES
+        | TransmissionFlags::SEND_CACHE;
+    assert_eq!(
+        opt_replies(&bytes(&mut s)),
+        [
+            (
+                OptCode::Info,
+                OptReply::Info(Info::Export {
+                    size: 1 << 20,
+                    flags
+                })
+            ),
+            (OptCode::Info, OptReply::Ack)
+        ]
+    );
+    assert_eq!(s.state(), State::Negotiating);
+    assert_eq!(s.wants(), Want::Bytes(OptHeader::LEN));
+}
+
 #[test]
 fn oversized_options() {
     let mut s = negotiating(ServerConfig {
@@ -957,6 +1188,123 @@ fn extended_replies_echo_the_request_offset() {
 }
 
 #[test]
+fn reads_beyond_a_compact_chunk_are_split() {
+    // Reachable without adversarial mode: a maximum payload of 0xffffffff ("no fixed
+    // limit") lets a compact read of 2^32 - 1 bytes through, and one compact OFFSET_DATA
+    // chunk carries at most 2^32 - 9 data bytes (its length field is 8 + data). The
+    // machine splits the piece the application gives it at that limit.
+    let bs = BlockSize {
+        min: 1,
+        preferred: 4096,
+        max_payload: u32::MAX,
+    };
+    let info = ExportInfo::new(1 << 33, FLAGS).with_block_size(bs);
+    let mut s = serving(&[Opt::StructuredReply], info);
+    let len = u64::from(u32::MAX);
+    let r = request(&s, Command::Read, CmdFlags::empty(), 5, 4096, len);
+    assert!(feed(&mut s, &r).is_some());
+    s.reply_read_data(Cookie(5), 4096, len as usize).unwrap();
+    assert_eq!(s.owed(), 0);
+    // One compact OFFSET_DATA chunk header for cookie 5: magic, flags, type 1, cookie,
+    // length (8 + data), offset.
+    let chunk = |done: bool, len: u32, offset: u64| {
+        [
+            [0x66, 0x8e, 0x33, 0xef, 0, u8::from(done), 0, 1].as_slice(),
+            &5u64.to_be_bytes(),
+            &len.to_be_bytes(),
+            &offset.to_be_bytes(),
+        ]
+        .concat()
+    };
+    // Two pieces, in order, covering the read exactly: 2^32 - 9 bytes (length field
+    // 0xffffffff), then the last 8 bytes with DONE.
+    let limit = u64::from(u32::MAX) - 8;
+    assert_eq!(
+        drain(&mut s),
+        [
+            Out::Bytes(chunk(false, u32::MAX, 4096)),
+            Out::Payload(Cookie(5), 4096, limit as usize),
+            Out::Bytes(chunk(true, 16, 4096 + limit)),
+            Out::Payload(Cookie(5), 4096 + limit, 8),
+        ]
+    );
+}
+
+#[test]
+fn df_reads_larger_than_one_chunk_are_eoverflow_with_compact_headers() {
+    // A DF read gets at most one content chunk; a compact chunk holds 2^32 - 9 data
+    // bytes, so a longer DF read is refused up front instead of being split.
+    let bs = BlockSize {
+        min: 1,
+        preferred: 4096,
+        max_payload: u32::MAX,
+    };
+    let info = ExportInfo::new(1 << 33, FLAGS).with_block_size(bs);
+    let limit = u64::from(u32::MAX) - 8;
+    let mut s = serving(&[Opt::StructuredReply], info);
+    assert_eq!(
+        refused(&mut s, Command::Read, CmdFlags::DF, 0, limit + 1),
+        Errno::Overflow
+    );
+    // At the limit it fits one chunk and reaches the application.
+    let r = request(&s, Command::Read, CmdFlags::DF, 5, 0, limit);
+    assert!(feed(&mut s, &r).is_some());
+    s.reply_read_data(Cookie(5), 0, limit as usize).unwrap();
+    assert_eq!(s.owed(), 0);
+    assert_eq!(drain(&mut s).len(), 2, "one chunk header, one payload");
+
+    // Extended chunk lengths are 64 bits: the same 2^32 - 1 byte DF read is one chunk.
+    let mut s = serving(&[Opt::ExtendedHeaders], info);
+    let len = u64::from(u32::MAX);
+    let r = request(&s, Command::Read, CmdFlags::DF, 6, 0, len);
+    assert!(feed(&mut s, &r).is_some());
+    s.reply_read_data(Cookie(6), 0, len as usize).unwrap();
+    let out = drain(&mut s);
+    let [Out::Bytes(b), Out::Payload(Cookie(6), 0, n)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*n as u64, len);
+    let (h, p, _) = ChunkPayload::parse_message(b).unwrap();
+    assert!(h.is_done());
+    assert_eq!(
+        p,
+        ChunkPayload::OffsetData(OffsetDataHeader {
+            offset: 0,
+            data_len: len
+        })
+    );
+}
+
+#[cfg(feature = "adversarial")]
+#[test]
+fn adversarial_read_past_the_end_is_done_only_on_its_last_chunk() {
+    // With the read checks relaxed, a piece may run past the request; split at the
+    // maximum payload, only its last chunk carries DONE, and the reply is complete.
+    let bs = BlockSize {
+        min: 1,
+        preferred: 4096,
+        max_payload: 4096,
+    };
+    let mut s = serving(
+        &[Opt::StructuredReply],
+        ExportInfo::new(1 << 20, FLAGS).with_block_size(bs),
+    );
+    s.adversary().relax(ServerChecks::READ_CHUNKS);
+    let r = request(&s, Command::Read, CmdFlags::empty(), 7, 0, 4096);
+    assert!(feed(&mut s, &r).is_some());
+    s.reply_read_data(Cookie(7), 0, 8192).unwrap();
+    assert_eq!(s.owed(), 0);
+    let done: Vec<bool> = drain(&mut s)
+        .iter()
+        .filter_map(|o| match o {
+            Out::Bytes(b) => Some(ChunkPayload::parse_message(b).unwrap().0.is_done()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done, [false, true]);
+}
+
+#[test]
 fn requests_refused_with_the_spec_errno() {
     let mut s = structured();
     let size = 1 << 20;
@@ -1092,6 +1440,127 @@ fn read_only_and_unadvertised_commands() {
     // The refused write's payload was discarded by the caller, and the stream goes on.
     let r = request(&s, Command::Read, CmdFlags::empty(), 6, 0, 512);
     assert!(feed(&mut s, &r).is_some());
+}
+
+#[test]
+fn write_zeroes_on_a_read_only_export_is_eperm() {
+    // The application's flags offer WRITE_ZEROES, but the export is read-only: the
+    // machine does not advertise it, and refuses it with EPERM (spec-digest 3.10), not the
+    // EINVAL of an unadvertised command.
+    let flags = TransmissionFlags::READ_ONLY | TransmissionFlags::SEND_WRITE_ZEROES;
+    let mut s = serving(&[Opt::StructuredReply], ExportInfo::new(1 << 20, flags));
+    assert_eq!(
+        s.transmission_flags(),
+        TransmissionFlags::HAS_FLAGS | TransmissionFlags::READ_ONLY
+    );
+    assert_eq!(
+        refused(&mut s, Command::WriteZeroes, CmdFlags::empty(), 0, 512),
+        Errno::Perm
+    );
+}
+
+#[test]
+fn block_status_past_the_end_is_einval() {
+    // A context is selected, so only the range is wrong (spec-digest 3.10).
+    let mut s = structured();
+    assert_eq!(s.contexts(), [0]);
+    let size = 1 << 20;
+    assert_eq!(
+        refused(
+            &mut s,
+            Command::BlockStatus,
+            CmdFlags::empty(),
+            size - 4096,
+            8192
+        ),
+        Errno::Inval
+    );
+    assert_eq!(
+        refused(&mut s, Command::BlockStatus, CmdFlags::empty(), size, 1),
+        Errno::Inval
+    );
+    assert_eq!(
+        refused(
+            &mut s,
+            Command::BlockStatus,
+            CmdFlags::REQ_ONE,
+            u64::MAX - 511,
+            4096
+        ),
+        Errno::Inval,
+        "offset + length overflows"
+    );
+    // The same request inside the export reaches the application.
+    let r = request(
+        &s,
+        Command::BlockStatus,
+        CmdFlags::empty(),
+        1,
+        size - 4096,
+        4096,
+    );
+    assert!(matches!(
+        feed(&mut s, &r),
+        Some(ServerEvent::Request { .. })
+    ));
+}
+
+#[test]
+fn payload_len_on_a_command_without_payload_is_discarded_then_einval() {
+    // Extended headers: a payload behind a command that has no payload form is read and
+    // dropped, then the command fails with EINVAL (spec-digest 3.10, EH3), and the session
+    // goes on.
+    let mut s = extended();
+    for (cookie, command) in [(1, Command::Read), (2, Command::Trim)] {
+        let b = request(&s, command, CmdFlags::PAYLOAD_LEN, cookie, 0, 512);
+        let h = s.handle_input(&b).unwrap();
+        assert_eq!((h.consumed, h.event), (Request::EXTENDED_LEN, None));
+        assert_eq!(s.wants(), Want::Discard { len: 512 });
+        assert_eq!(
+            drain(&mut s),
+            [],
+            "refused before the payload was discarded"
+        );
+        s.handle_payload(512).unwrap();
+        let out = bytes(&mut s);
+        let (h, p, n) = ChunkPayload::parse_message(&out).unwrap();
+        assert_eq!(n, out.len());
+        assert_eq!(
+            (h.cookie, h.offset, h.is_done()),
+            (Cookie(cookie), Some(0), true)
+        );
+        assert_eq!(
+            p,
+            ChunkPayload::Error(ErrorChunk {
+                error: Errno::Inval,
+                message: "",
+                offset: None
+            })
+        );
+        assert_eq!(s.wants(), Want::Bytes(Request::EXTENDED_LEN));
+    }
+}
+
+#[test]
+fn fast_zero_when_offered_reaches_the_application() {
+    // FAST_ZERO is refused by the machine only when not advertised (EINVAL, tested above);
+    // when it is, the application decides and answers ENOTSUP if zeroing is not fast.
+    let flags = FLAGS | TransmissionFlags::SEND_FAST_ZERO;
+    let mut s = serving(&[Opt::StructuredReply], ExportInfo::new(1 << 20, flags));
+    assert!(s
+        .transmission_flags()
+        .contains(TransmissionFlags::SEND_FAST_ZERO));
+    let r = request(&s, Command::WriteZeroes, CmdFlags::FAST_ZERO, 1, 0, 4096);
+    let Some(ServerEvent::Request { request: got, .. }) = feed(&mut s, &r) else {
+        panic!()
+    };
+    assert_eq!(
+        (got.command, got.flags),
+        (Command::WriteZeroes, CmdFlags::FAST_ZERO)
+    );
+    s.reply(Cookie(1), Err(Errno::NotSup)).unwrap();
+    assert_eq!(reply_errno(&bytes(&mut s)), Errno::NotSup);
+    assert_eq!(s.owed(), 0);
 }
 
 #[test]
@@ -1451,6 +1920,93 @@ fn oldstyle_and_transmission_only() {
     let mut s = S::new_transmission(ServerConfig::default(), &disk(), ReplyForm::Extended).unwrap();
     assert_eq!(drain(&mut s), []);
     assert_eq!(s.wants(), Want::Bytes(32));
+}
+
+#[test]
+fn transmission_only_serves_simple_replies() {
+    // The Linux kernel client's case: the handshake happened elsewhere; compact requests
+    // in, simple replies out.
+    let flags = TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_FUA;
+    let info = ExportInfo::new(1 << 20, flags);
+    let mut s = S::new_transmission(ServerConfig::default(), &info, ReplyForm::Simple).unwrap();
+    assert_eq!(drain(&mut s), []);
+    assert_eq!(s.transmission_flags(), TransmissionFlags::HAS_FLAGS | flags);
+    assert_eq!(s.wants(), Want::Bytes(Request::COMPACT_LEN));
+
+    let r = request(&s, Command::Read, CmdFlags::empty(), 1, 4096, 512);
+    let Some(ServerEvent::Request {
+        request: got,
+        ids: None,
+    }) = feed(&mut s, &r)
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (got.command, got.offset, got.len),
+        (Command::Read, 4096, 512)
+    );
+    s.reply_read_data(Cookie(1), 4096, 512).unwrap();
+    assert_eq!(
+        drain(&mut s),
+        [
+            Out::Bytes(simple_reply(0, 1)),
+            Out::Payload(Cookie(1), 4096, 512)
+        ]
+    );
+
+    let w = request(&s, Command::Write, CmdFlags::FUA, 2, 8192, 1024);
+    let Some(ServerEvent::Request { request: got, .. }) = feed(&mut s, &w) else {
+        panic!()
+    };
+    assert_eq!(
+        (got.command, got.flags, got.offset, got.len),
+        (Command::Write, CmdFlags::FUA, 8192, 1024)
+    );
+    assert_eq!(
+        s.wants(),
+        Want::Payload {
+            cookie: Cookie(2),
+            offset: 8192,
+            len: 1024
+        }
+    );
+    s.handle_payload(1024).unwrap();
+    assert_eq!(s.wants(), Want::Bytes(Request::COMPACT_LEN));
+    s.reply(Cookie(2), Ok(())).unwrap();
+    assert_eq!(bytes(&mut s), simple_reply(0, 2));
+
+    let f = request(&s, Command::Flush, CmdFlags::empty(), 3, 0, 0);
+    let Some(ServerEvent::Request { request: got, .. }) = feed(&mut s, &f) else {
+        panic!()
+    };
+    assert_eq!(got.command, Command::Flush);
+    s.reply(Cookie(3), Ok(())).unwrap();
+    assert_eq!(bytes(&mut s), simple_reply(0, 3));
+
+    // Bad requests are answered by the machine: a read past the end (EINVAL), and a
+    // write past the end (ENOSPC, once its payload has been discarded).
+    let r = request(&s, Command::Read, CmdFlags::empty(), 4, 1 << 20, 512);
+    assert_eq!(feed(&mut s, &r), None);
+    assert_eq!(bytes(&mut s), simple_reply(22, 4));
+    let w = request(
+        &s,
+        Command::Write,
+        CmdFlags::empty(),
+        5,
+        (1 << 20) - 512,
+        1024,
+    );
+    assert_eq!(feed(&mut s, &w), None);
+    assert_eq!(s.wants(), Want::Discard { len: 1024 });
+    assert_eq!(drain(&mut s), []);
+    s.handle_payload(1024).unwrap();
+    assert_eq!(bytes(&mut s), simple_reply(28, 5));
+    assert_eq!(s.owed(), 0);
+    assert_eq!(s.wants(), Want::Bytes(Request::COMPACT_LEN));
+
+    let d = request(&s, Command::Disc, CmdFlags::empty(), 6, 0, 0);
+    assert_eq!(feed(&mut s, &d), Some(ServerEvent::Disconnect));
+    assert!(s.is_finished());
 }
 
 #[test]

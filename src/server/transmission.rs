@@ -241,10 +241,29 @@ impl<const N: usize, const B: usize> Server<N, B> {
                     Errno::Inval
                 })
             }
+            // proto.md: a DF read gets at most one content chunk, and a compact chunk
+            // carries at most 2^32 - 9 data bytes; a read that cannot fit MAY fail with
+            // EOVERFLOW. (Reachable only with a maximum payload above that, "no limit".)
+            Command::Read if req.flags.contains(CmdFlags::DF) && len > self.max_data_chunk() => {
+                return Err(Errno::Overflow)
+            }
             Command::BlockStatus if len == 0 => return Err(Errno::Inval),
             _ => {}
         }
         self.shutdown_check(mask)
+    }
+
+    /// The most data bytes one `OFFSET_DATA` chunk can carry: the variable part of a chunk
+    /// MUST NOT exceed the maximum payload (proto.md), and a compact chunk header declares
+    /// at most 2^32 - 1 payload bytes, 8 of them the offset. An extended header's length
+    /// is 64 bits, so there only the maximum payload limits it.
+    fn max_data_chunk(&self) -> u64 {
+        let max = u64::from(self.export.max_payload).max(1);
+        if self.extended {
+            max
+        } else {
+            max.min(u64::from(u32::MAX) - 8)
+        }
     }
 
     fn shutdown_check(&self, mask: u64) -> Result<u64, Errno> {
@@ -529,15 +548,12 @@ impl<const N: usize, const B: usize> Server<N, B> {
     ) -> Result<(), Error> {
         let (i, o) = self.read_entry(cookie, offset, len)?;
         let end = offset + len;
-        // Largest piece per chunk: the variable part of a chunk MUST NOT exceed the
-        // maximum payload (proto.md), a hole length is 32 bits, and a compact chunk length
-        // too.
+        // Largest piece per chunk: a hole length is 32 bits; data is limited by the
+        // maximum payload and, with compact headers, by the 32-bit chunk length.
         let max = if hole {
             u64::from(u32::MAX)
         } else {
-            u64::from(self.export.max_payload)
-                .min(u64::from(u32::MAX) - 8)
-                .max(1)
+            self.max_data_chunk()
         };
         let pieces = len.div_ceil(max);
         let per_piece = if self.structured {
@@ -575,7 +591,9 @@ impl<const N: usize, const B: usize> Server<N, B> {
             let mut at = offset;
             while at < end {
                 let n = (end - at).min(max);
-                let done = at + n == o.end();
+                // The last chunk of the piece that reaches the end of the read (or, in
+                // adversarial mode, runs past it) carries DONE.
+                let done = at + n == end && end >= o.end();
                 if hole {
                     let h = OffsetHole {
                         offset: at,
@@ -618,7 +636,7 @@ impl<const N: usize, const B: usize> Server<N, B> {
             }
         }
         self.owed[i].progress = end;
-        if end == o.end() {
+        if end >= o.end() {
             self.finish(i);
         }
         Ok(())
