@@ -683,6 +683,12 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
     }
 
     /// Queues a write of `data` and sends it (header and payload in one vectored write).
+    ///
+    /// This blocks until the whole write is sent, and nothing is read meanwhile. With
+    /// read replies owed, keep them small enough to wait in the socket buffers: a server
+    /// that stops reading while its read data cannot drain, and this thread blocked
+    /// sending, wait for each other forever. Submit writes before reads, or
+    /// [`complete`](Self::complete) the reads first.
     pub fn submit_write(
         &mut self,
         offset: u64,
@@ -935,7 +941,9 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                         io::Error::new(io::ErrorKind::InvalidInput, "write payload missing")
                     })?;
                     let mut bufs = [IoSlice::new(&self.wbuf[..used]), IoSlice::new(data)];
-                    super::write_all_vectored(&mut self.stream, &mut bufs)?;
+                    if let Err(e) = super::write_all_vectored(&mut self.stream, &mut bufs) {
+                        return Err(self.broken(e));
+                    }
                     used = 0;
                 }
                 // Only a server sends zeroes; a client machine never asks for it.
@@ -945,17 +953,21 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     ))
                 }
                 Err(Error::BufferTooSmall { .. }) if used > 0 => {
-                    self.stream.write_all(&self.wbuf[..used])?;
+                    if let Err(e) = self.stream.write_all(&self.wbuf[..used]) {
+                        return Err(self.broken(e));
+                    }
                     used = 0;
                 }
                 Err(e) => return Err(misuse(e)),
             }
         }
         if used > 0 {
-            self.stream.write_all(&self.wbuf[..used])?;
+            if let Err(e) = self.stream.write_all(&self.wbuf[..used]) {
+                return Err(self.broken(e));
+            }
         }
         // A TLS stream may hold records back until flushed; a socket's flush does nothing.
-        self.stream.flush()
+        self.stream.flush().map_err(|e| self.broken(e))
     }
 
     /// One step: moves a payload, or reads and handles at most one frame. Returns a
@@ -978,7 +990,8 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                     if e.kind() == io::ErrorKind::UnexpectedEof {
                         return Err(self.eof());
                     }
-                    return Err(e);
+                    // Part of the payload may be gone: the stream cannot be resumed.
+                    return Err(self.broken(e));
                 }
                 if let Err(e) = self.client.handle_payload(len) {
                     self.reap();
@@ -1003,7 +1016,12 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
                         Ok(g) => g,
                         Err(e) => {
                             self.rbuf.truncate(have);
-                            return Err(e);
+                            // A timeout loses nothing and may be retried; anything else
+                            // (a reset, a broken pipe) ends the connection.
+                            return Err(match e.kind() {
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => e,
+                                _ => self.broken(e),
+                            });
                         }
                     };
                     self.rbuf.truncate(have + got);
@@ -1143,6 +1161,9 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
             Some(Event::Ready { size, flags }) => {
                 self.details.size = Some(size);
                 self.details.flags = Some(flags);
+                // A refusal during negotiation (say, of extended headers) explains nothing
+                // that goes wrong from here on.
+                self.refusal = None;
             }
             Some(Event::ReadHole {
                 cookie,
@@ -1206,6 +1227,17 @@ impl<S: Read + Write, const N: usize> BlockingClient<S, N> {
     /// Commands abandoned because the connection ended or broke.
     pub fn abandoned(&self) -> &[Cookie] {
         &self.abandoned
+    }
+
+    /// A transport failure the connection cannot recover from (bytes of a frame may be
+    /// lost either way): the machine is told the connection ended, so every command in
+    /// flight is abandoned at once, and the client is dead.
+    fn broken(&mut self, e: io::Error) -> io::Error {
+        // The machine's view of the ending (a frame cut short) matters less than the
+        // transport's own error, which is returned.
+        let _ = self.client.handle_eof();
+        self.reap();
+        e
     }
 
     /// End of file where the machine did not expect it.

@@ -940,6 +940,18 @@ impl Peer {
 
     /// Stops the server now (same as dropping it).
     pub fn stop(self) {}
+
+    /// Kills the server with SIGKILL, as a crash would (it gets no chance to
+    /// reply or close sockets cleanly), and waits up to [`STOP_TIMEOUT`] for
+    /// it to be gone. Returns true if it is gone. The pid is only signalled
+    /// if it still belongs to the server. Dropping the peer afterwards only
+    /// cleans up.
+    pub fn kill(&self) -> bool {
+        if self.start_time.is_none() || process_start_time(self.pid) == self.start_time {
+            send_signal(self.pid, "KILL");
+        }
+        wait_until(STOP_TIMEOUT, || !process_alive(self.pid))
+    }
 }
 
 impl Drop for Peer {
