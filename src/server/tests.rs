@@ -1305,6 +1305,68 @@ fn adversarial_read_past_the_end_is_done_only_on_its_last_chunk() {
 }
 
 #[test]
+fn exports_can_be_made_up_on_demand() {
+    // The machine keeps no export table: each INFO/GO asks the application, which may
+    // invent the export from its name (as nbdkit plugins do). Here "zeroes-N" is an export
+    // of N bytes; anything else is unknown.
+    let mut s = negotiating(ServerConfig::default());
+    let app = |name: &str| {
+        let size = name.strip_prefix("zeroes-")?.parse().ok()?;
+        Some(ExportInfo::new(size, TransmissionFlags::READ_ONLY))
+    };
+    for (name, size) in [
+        ("zeroes-4096", Some(4096)),
+        ("zeroes-x", None),
+        ("zeroes-7", Some(7)),
+    ] {
+        let info = opt(&Opt::Info(ExportRequest {
+            name,
+            infos: InfoList::new(&[]),
+        }));
+        let Some(ServerEvent::Export(q)) = feed(&mut s, &info) else {
+            panic!("{name}")
+        };
+        assert_eq!((q.kind, q.name), (ExportQueryKind::Info, name));
+        match app(q.name) {
+            Some(export) => s.answer_export(&export).unwrap(),
+            None => s
+                .answer_error(OptError::UnknownExport, "no such export")
+                .unwrap(),
+        }
+        let replies = bytes(&mut s);
+        let replies = opt_replies(&replies);
+        match size {
+            Some(size) => {
+                assert!(
+                    matches!(
+                        replies.as_slice(),
+                        [
+                            (OptCode::Info, OptReply::Info(Info::Export { size: sz, .. })),
+                            (OptCode::Info, OptReply::Ack)
+                        ] if *sz == size
+                    ),
+                    "{name}: {replies:?}"
+                );
+            }
+            None => assert!(
+                matches!(
+                    replies.as_slice(),
+                    [(
+                        OptCode::Info,
+                        OptReply::Error {
+                            error: OptError::UnknownExport,
+                            message: "no such export"
+                        }
+                    )]
+                ),
+                "{name}: {replies:?}"
+            ),
+        }
+        assert_eq!(s.state(), State::Negotiating);
+    }
+}
+
+#[test]
 fn requests_refused_with_the_spec_errno() {
     let mut s = structured();
     let size = 1 << 20;
