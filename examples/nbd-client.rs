@@ -1,18 +1,32 @@
 //! A small nbdinfo/nbdcopy-class tool over the blocking client.
 //!
 //! ```text
-//! nbd-client info URI [--json]
+//! nbd-client info URI [--context QUERY]... [--json]
 //! nbd-client list URI [--json]
 //! nbd-client map  URI [--context NAME] [--json]
 //! nbd-client read URI OFFSET LENGTH          > out
 //! nbd-client write URI OFFSET                < in
-//! nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N] [--progress]
+//! nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N]
+//!                         [--progress]
 //! ```
 //!
-//! SRC and DST are NBD URIs, file names, or `-` (stdin/stdout). Copies skip the zero
-//! regions an NBD source reports through `base:allocation` (and all-zero blocks of other
-//! sources when the destination can write zeroes). A regular destination file is truncated
-//! and sized to the source first.
+//! `info` lists the metadata contexts the server has for the export; `--context QUERY`
+//! (repeatable) asks only for those matching QUERY, which may be a prefix like `qemu:`.
+//!
+//! SRC and DST are NBD URIs, file names, or `-` (stdin/stdout). Copies do not read the zero
+//! regions an NBD source reports through `base:allocation`: they write zeroes there
+//! (`NBD_CMD_WRITE_ZEROES`, or zero blocks when the destination cannot), since an NBD
+//! destination is not known to read as zeroes, and leave them out of a regular destination
+//! file, which is truncated and sized to the source first (to what was copied when the
+//! source's size is unknown). All-zero blocks of other sources are written the same way.
+//! `--connections N` needs both ends to be NBD servers offering `CAN_MULTI_CONN`; otherwise
+//! the copy says so on stderr and uses one connection. `--progress` shows the progress on
+//! stderr, updated in place on a terminal and as a line per update elsewhere (like
+//! `nbdcopy --progress`, it is off unless asked for).
+//!
+//! Errors are one line on stderr naming the server (the URI; `source` or `destination` for
+//! a copy) and what failed (the NBD errno, the rule the server broke, or the OS error), and
+//! the exit status is 1.
 //!
 //! TLS (X.509, with rustls), as libnbd's URIs spell it:
 //!
@@ -37,7 +51,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,7 +60,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nbd_proto::blocking::client::Stream;
-use nbd_proto::blocking::{BlockingClient, CommandError, NoSink, Sink, TlsConnector};
+use nbd_proto::blocking::{BlockingClient, NoSink, Sink, TlsConnector};
 use nbd_proto::client::ClientConfig;
 use nbd_proto::uri::{NbdUri, Transport};
 use nbd_proto::wire::{extent, CmdFlags, Cookie, Extent, TransmissionFlags};
@@ -58,12 +72,13 @@ type Nbd = BlockingClient<Box<dyn Stream>>;
 static TLS_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 const USAGE: &str = "usage:
-  nbd-client info URI [--json]
+  nbd-client info URI [--context QUERY]... [--json]
   nbd-client list URI [--json]
   nbd-client map URI [--context NAME] [--json]
   nbd-client read URI OFFSET LENGTH
   nbd-client write URI OFFSET
-  nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N] [--progress]
+  nbd-client copy SRC DST [--requests N] [--request-size BYTES] [--connections N]
+                          [--progress]
 options for every command:
   --tls-certificates DIR   TLS with DIR/ca-cert.pem (and DIR/client-cert.pem, client-key.pem
                            if present) for URIs without tls-certificates=DIR
@@ -112,6 +127,47 @@ impl StdoutClosed {
     fn is(e: &io::Error) -> bool {
         e.get_ref().is_some_and(|i| i.is::<StdoutClosed>())
     }
+}
+
+/// An error with what it concerns in front, e.g. `nbd+unix:///?socket=a.sock: input/output
+/// error (NBD_EIO)` or `destination nbd://host/disk: ...`. The original error stays
+/// reachable as its source, with its kind.
+#[derive(Debug)]
+struct Labelled {
+    label: String,
+    inner: io::Error,
+}
+
+impl std::fmt::Display for Labelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.label, self.inner)
+    }
+}
+
+impl std::error::Error for Labelled {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.inner)
+    }
+}
+
+/// `label: e`, keeping the kind (a closed standard output stays unlabelled: it is not
+/// reported).
+fn labelled(label: &str, e: io::Error) -> io::Error {
+    if StdoutClosed::is(&e) {
+        return e;
+    }
+    io::Error::new(
+        e.kind(),
+        Labelled {
+            label: label.to_owned(),
+            inner: e,
+        },
+    )
+}
+
+/// `e` as the error of `what` (a command of the server, e.g. `read of 4096 bytes at 0`).
+fn failed(what: impl std::fmt::Display, e: io::Error) -> io::Error {
+    labelled(&what.to_string(), e)
 }
 
 fn usage(why: &str) -> io::Error {
@@ -170,6 +226,15 @@ impl Args {
             .and_then(|(_, v)| v.as_deref())
     }
 
+    /// Every value of a repeatable option, in order.
+    fn values(&self, name: &str) -> Vec<&str> {
+        self.options
+            .iter()
+            .filter(|(n, _)| n == name)
+            .filter_map(|(_, v)| v.as_deref())
+            .collect()
+    }
+
     fn number(&self, name: &str, default: u64) -> io::Result<u64> {
         self.value(name).map_or(Ok(default), |v| {
             parse_size(v).ok_or_else(|| usage(&format!("bad --{name}")))
@@ -226,31 +291,35 @@ fn run(args: &[String]) -> io::Result<()> {
         return Err(usage("no command"));
     };
     match cmd.as_str() {
+        // Every error of a command on one server names the server's URI.
         "info" => {
-            let a = Args::parse(rest, &[], &["json"])?;
-            info(&a.exactly(1)?[0], a.flag("json"))
+            let a = Args::parse(rest, &["context"], &["json"])?;
+            let uri = &a.exactly(1)?[0];
+            info(uri, &a.values("context"), a.flag("json")).map_err(|e| labelled(uri, e))
         }
         "list" => {
             let a = Args::parse(rest, &[], &["json"])?;
-            list(&a.exactly(1)?[0], a.flag("json"))
+            let uri = &a.exactly(1)?[0];
+            list(uri, a.flag("json")).map_err(|e| labelled(uri, e))
         }
         "map" => {
             let a = Args::parse(rest, &["context"], &["json"])?;
             let context = a.value("context").unwrap_or("base:allocation");
-            map(&a.exactly(1)?[0], context, a.flag("json"))
+            let uri = &a.exactly(1)?[0];
+            map(uri, context, a.flag("json")).map_err(|e| labelled(uri, e))
         }
         "read" => {
             let a = Args::parse(rest, &[], &[])?;
             let p = a.exactly(3)?;
             let offset = parse_size(&p[1]).ok_or_else(|| usage("bad OFFSET"))?;
             let len = parse_size(&p[2]).ok_or_else(|| usage("bad LENGTH"))?;
-            read(&p[0], offset, len)
+            read(&p[0], offset, len).map_err(|e| labelled(&p[0], e))
         }
         "write" => {
             let a = Args::parse(rest, &[], &[])?;
             let p = a.exactly(2)?;
             let offset = parse_size(&p[1]).ok_or_else(|| usage("bad OFFSET"))?;
-            write(&p[0], offset)
+            write(&p[0], offset).map_err(|e| labelled(&p[0], e))
         }
         "copy" => {
             let a = Args::parse(
@@ -259,11 +328,14 @@ fn run(args: &[String]) -> io::Result<()> {
                 &["progress"],
             )?;
             let p = a.exactly(2)?;
+            let progress = a.flag("progress");
             let opts = CopyOptions {
                 requests: a.number("requests", 64)?.clamp(1, 64) as usize,
                 request_size: a.number("request-size", 256 << 10)?.clamp(512, 32 << 20) as usize,
                 connections: a.number("connections", 1)?.clamp(1, 16) as usize,
-                progress: a.flag("progress"),
+                progress,
+                src: format!("source {}", p[0]),
+                dst: format!("destination {}", p[1]),
             };
             copy(&p[0], &p[1], &opts)
         }
@@ -376,8 +448,8 @@ fn manual(uri: &str) -> io::Result<Nbd> {
 }
 
 /// Manual mode up to (but not including) GO: extended headers or structured replies, and
-/// the list of metadata contexts of `export`.
-fn probe(c: &mut Nbd, export: &str) -> io::Result<Vec<String>> {
+/// the list of metadata contexts of `export` matching `queries` (all of them if empty).
+fn probe(c: &mut Nbd, export: &str, queries: &[&str]) -> io::Result<Vec<String>> {
     if c.machine().state() != nbd_proto::client::State::Negotiating
         || c.machine().handshake_flags().bits() & 1 == 0
     {
@@ -389,7 +461,7 @@ fn probe(c: &mut Nbd, export: &str) -> io::Result<Vec<String>> {
     if !c.machine().structured_replies() {
         return Ok(Vec::new());
     }
-    Ok(match c.opt(|m| m.opt_list_meta_context(export, &[]))? {
+    Ok(match c.opt(|m| m.opt_list_meta_context(export, queries))? {
         Ok(()) => c.listed_contexts().iter().map(|(_, n)| n.clone()).collect(),
         Err(_) => Vec::new(),
     })
@@ -403,7 +475,7 @@ fn flag_names(f: TransmissionFlags) -> Vec<&'static str> {
         .collect()
 }
 
-fn info(uri: &str, json: bool) -> io::Result<()> {
+fn info(uri: &str, queries: &[&str], json: bool) -> io::Result<()> {
     let parsed = parse_uri(uri)?;
     let mut c = manual(uri)?;
     let hs = c.machine().handshake_flags();
@@ -414,7 +486,7 @@ fn info(uri: &str, json: bool) -> io::Result<()> {
     } else {
         "newstyle"
     };
-    let contexts = probe(&mut c, &parsed.export)?;
+    let contexts = probe(&mut c, &parsed.export, queries)?;
     if c.machine().state() != nbd_proto::client::State::Ready {
         let export = parsed.export.clone();
         let r = if c.machine().handshake_flags().bits() & 1 != 0 {
@@ -672,7 +744,8 @@ fn read(uri: &str, offset: u64, len: u64) -> io::Result<()> {
     let mut at = 0;
     while at < len {
         let n = (len - at).min(step as u64) as usize;
-        c.read_at(&mut buf[..n], offset + at)?;
+        c.read_at(&mut buf[..n], offset + at)
+            .map_err(|e| failed(format_args!("read of {n} bytes at {}", offset + at), e))?;
         out.write_all(&buf[..n]).map_err(StdoutClosed::mark)?;
         at += n as u64;
     }
@@ -686,15 +759,16 @@ fn write(uri: &str, offset: u64) -> io::Result<()> {
     let mut stdin = io::stdin().lock();
     let mut at = offset;
     loop {
-        let n = read_full(&mut stdin, &mut buf)?;
+        let n = read_full(&mut stdin, &mut buf).map_err(|e| failed("standard input", e))?;
         if n == 0 {
             break;
         }
-        c.write_at(&buf[..n], at, CmdFlags::empty())?;
+        c.write_at(&buf[..n], at, CmdFlags::empty())
+            .map_err(|e| failed(format_args!("write of {n} bytes at {at}"), e))?;
         at += n as u64;
     }
     if c.flags().contains(TransmissionFlags::SEND_FLUSH) {
-        c.flush()?;
+        c.flush().map_err(|e| failed("flush", e))?;
     }
     c.disconnect()
 }
@@ -719,7 +793,12 @@ struct CopyOptions {
     requests: usize,
     request_size: usize,
     connections: usize,
+    /// Show the progress on stderr.
     progress: bool,
+    /// `source SRC`: what errors of the source start with.
+    src: String,
+    /// `destination DST`: what errors of the destination start with.
+    dst: String,
 }
 
 fn is_uri(s: &str) -> bool {
@@ -737,7 +816,9 @@ enum Src {
 
 enum Dst {
     Nbd(Box<Nbd>),
-    File(File),
+    /// A file or device; `true` for a regular file this copy truncated, which reads as zeroes
+    /// wherever nothing is written.
+    File(File, bool),
     /// Standard output as a plain file descriptor: `io::Stdout` is line-buffered and scans
     /// every buffer for newlines, which made copies of mostly-zero exports to stdout spend
     /// most of their time in `memrchr`.
@@ -755,13 +836,13 @@ fn open_src(s: &str, allocation: bool) -> io::Result<Src> {
         }
         Ok(Src::Nbd(Box::new(connect(s, cfg)?)))
     } else {
-        File::open(s)
-            .map(Src::File)
-            .map_err(|e| io::Error::new(e.kind(), format!("{s}: {e}")))
+        File::open(s).map(Src::File)
     }
 }
 
-fn open_dst(s: &str, truncate_to: Option<u64>) -> io::Result<Dst> {
+/// Opens the destination. The `first` opening of a regular file truncates it, and sizes it
+/// to `size` when that is known (otherwise [`worker`] sizes it to what was copied).
+fn open_dst(s: &str, first: bool, size: Option<u64>) -> io::Result<Dst> {
     if s == "-" {
         use std::os::fd::AsFd;
         let fd = io::stdout().as_fd().try_clone_to_owned()?;
@@ -773,15 +854,15 @@ fn open_dst(s: &str, truncate_to: Option<u64>) -> io::Result<Dst> {
             .write(true)
             .create(true)
             .truncate(false)
-            .open(s)
-            .map_err(|e| io::Error::new(e.kind(), format!("{s}: {e}")))?;
-        if let Some(size) = truncate_to {
-            if f.metadata()?.is_file() {
-                f.set_len(0)?;
+            .open(s)?;
+        let fresh = first && f.metadata()?.is_file();
+        if fresh {
+            f.set_len(0)?;
+            if let Some(size) = size {
                 f.set_len(size)?;
             }
         }
-        Ok(Dst::File(f))
+        Ok(Dst::File(f, fresh))
     }
 }
 
@@ -820,11 +901,24 @@ struct Progress {
     total: Option<u64>,
     done: AtomicU64,
     enabled: bool,
+    /// stderr is a terminal: updates overwrite each other (`\r`), else one line each.
+    in_place: bool,
     last: std::sync::Mutex<Instant>,
     printed: AtomicBool,
 }
 
 impl Progress {
+    fn new(total: Option<u64>, enabled: bool) -> Self {
+        Self {
+            total,
+            done: AtomicU64::new(0),
+            enabled,
+            in_place: io::stderr().is_terminal(),
+            last: std::sync::Mutex::new(Instant::now()),
+            printed: AtomicBool::new(false),
+        }
+    }
+
     fn add(&self, n: u64) {
         let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
         if !self.enabled {
@@ -839,80 +933,115 @@ impl Progress {
 
     fn print(&self, done: u64) {
         self.printed.store(true, Ordering::Relaxed);
-        match self.total {
-            Some(t) if t > 0 => eprint!(
-                "\r{:5.1}% ({done} / {t} bytes)",
+        let text = match self.total {
+            Some(t) if t > 0 => format!(
+                "{:5.1}% ({done} / {t} bytes)",
                 done as f64 * 100.0 / t as f64
             ),
-            _ => eprint!("\r{done} bytes"),
+            _ => format!("{done} bytes"),
+        };
+        if self.in_place {
+            eprint!("\r{text}");
+        } else {
+            eprintln!("nbd-client: copy: {text}");
         }
     }
 
-    fn finish(&self) {
-        if self.enabled {
+    /// The final count; `ok`: the copy succeeded (a failed copy's error line follows).
+    fn finish(&self, ok: bool) {
+        if !self.enabled {
+            return;
+        }
+        if ok {
             self.print(self.done.load(Ordering::Relaxed));
+        }
+        if self.in_place && self.printed.load(Ordering::Relaxed) {
             eprintln!();
         }
     }
 }
 
+/// Why a copy between `s` and `d` cannot use several connections, if it cannot.
+fn single_connection(s: &Src, d: &Dst, o: &CopyOptions) -> Option<String> {
+    let (Src::Nbd(s), Dst::Nbd(d)) = (s, d) else {
+        return Some("several connections need NBD servers at both ends".into());
+    };
+    let no_multi = |side: &str| format!("{side}: the server does not offer CAN_MULTI_CONN");
+    if !s.flags().contains(TransmissionFlags::CAN_MULTI_CONN) {
+        Some(no_multi(&o.src))
+    } else if !d.flags().contains(TransmissionFlags::CAN_MULTI_CONN) {
+        Some(no_multi(&o.dst))
+    } else if s.size() == 0 {
+        Some("the source is empty".into())
+    } else {
+        None
+    }
+}
+
 fn copy(src: &str, dst: &str, o: &CopyOptions) -> io::Result<()> {
-    let first_src = open_src(src, true)?;
+    let first_src = open_src(src, true).map_err(|e| labelled(&o.src, e))?;
     let size = match &first_src {
         Src::Nbd(c) => Some(c.size()),
         Src::File(f) => {
-            let m = f.metadata()?;
+            let m = f.metadata().map_err(|e| labelled(&o.src, e))?;
             m.is_file().then_some(m.len())
         }
         Src::Stdin(_) => None,
     };
-    let first_dst = open_dst(dst, size)?;
+    let first_dst = open_dst(dst, true, size).map_err(|e| labelled(&o.dst, e))?;
     if let (Some(size), Dst::Nbd(d)) = (size, &first_dst) {
         if d.size() < size {
-            return Err(io::Error::other(format!(
-                "the destination ({} bytes) is smaller than the source ({size} bytes)",
-                d.size()
-            )));
+            return Err(labelled(
+                &o.dst,
+                io::Error::other(format!(
+                    "{} bytes, smaller than the source ({size} bytes)",
+                    d.size()
+                )),
+            ));
         }
     }
-    let progress = Progress {
-        total: size,
-        done: AtomicU64::new(0),
-        enabled: o.progress,
-        last: std::sync::Mutex::new(Instant::now()),
-        printed: AtomicBool::new(false),
-    };
-    // Several connections only between NBD endpoints whose servers allow it.
-    let multi = |s: &Src, d: &Dst| match (s, d) {
-        (Src::Nbd(s), Dst::Nbd(d)) => {
-            s.flags().contains(TransmissionFlags::CAN_MULTI_CONN)
-                && d.flags().contains(TransmissionFlags::CAN_MULTI_CONN)
+    let progress = Progress::new(size, o.progress);
+    // Several connections only between NBD endpoints whose servers allow it, and at least
+    // 1 MiB each.
+    let mut connections = 1;
+    if o.connections > 1 {
+        match single_connection(&first_src, &first_dst, o) {
+            Some(why) => eprintln!(
+                "nbd-client: copy: using 1 connection instead of {}: {why}",
+                o.connections
+            ),
+            None => connections = o.connections,
         }
-        _ => false,
-    };
-    let connections = match size {
-        Some(size) if o.connections > 1 && multi(&first_src, &first_dst) && size > 0 => {
-            o.connections
+    }
+    let size_or_0 = size.unwrap_or(0);
+    let part = size_or_0.div_ceil(connections as u64).div_ceil(1 << 20) * (1 << 20);
+    if connections > 1 {
+        let needed = size_or_0.div_ceil(part) as usize;
+        if needed < connections {
+            eprintln!(
+                "nbd-client: copy: using {needed} connection(s) instead of {connections}: the source has only {size_or_0} bytes (1 MiB per connection at least)"
+            );
+            connections = needed;
         }
-        _ => 1,
-    };
+    }
     let result = if connections == 1 {
         worker(first_src, first_dst, 0, size, o, &progress)
     } else {
-        let size = size.unwrap_or(0);
-        let part = size.div_ceil(connections as u64).div_ceil(1 << 20) * (1 << 20);
         std::thread::scope(|scope| {
             let mut handles = Vec::new();
             let mut firsts = Some((first_src, first_dst));
             for i in 0..connections as u64 {
-                let start = (i * part).min(size);
-                let end = ((i + 1) * part).min(size);
-                let (progress, src, dst) = (&progress, src.to_owned(), dst.to_owned());
+                let start = (i * part).min(size_or_0);
+                let end = ((i + 1) * part).min(size_or_0);
+                let progress = &progress;
                 let ends = firsts.take();
                 handles.push(scope.spawn(move || -> io::Result<()> {
                     let (s, d) = match ends {
                         Some(e) => e,
-                        None => (open_src(&src, true)?, open_dst(&dst, None)?),
+                        None => (
+                            open_src(src, true).map_err(|e| labelled(&o.src, e))?,
+                            open_dst(dst, false, None).map_err(|e| labelled(&o.dst, e))?,
+                        ),
                     };
                     worker(s, d, start, Some(end), o, progress)
                 }));
@@ -927,11 +1056,12 @@ fn copy(src: &str, dst: &str, o: &CopyOptions) -> io::Result<()> {
                 .map(|_| ())
         })
     };
-    progress.finish();
+    progress.finish(result.is_ok());
     result
 }
 
-/// Copies `[start, end)` (`end` = None: until the source ends) from `src` to `dst`.
+/// Copies `[start, end)` (`end` = None: until the source ends) from `src` to `dst`. Every
+/// error names the side it came from.
 fn worker(
     mut src: Src,
     mut dst: Dst,
@@ -940,25 +1070,31 @@ fn worker(
     o: &CopyOptions,
     progress: &Progress,
 ) -> io::Result<()> {
-    let fresh_file = matches!(&dst, Dst::File(f) if f.metadata().is_ok_and(|m| m.is_file()));
+    let on_src = |e| labelled(&o.src, e);
+    let on_dst = |e| labelled(&o.dst, e);
     let Some(end) = end else {
         // A stream of unknown length: one block at a time, in order.
         let mut buf = vec![0u8; o.request_size];
         let mut at = start;
         loop {
             let n = match &mut src {
-                Src::Stdin(s) => read_full(&mut s.lock(), &mut buf)?,
-                Src::File(f) => read_full(f, &mut buf)?,
+                Src::Stdin(s) => read_full(&mut s.lock(), &mut buf),
+                Src::File(f) => read_full(f, &mut buf),
                 Src::Nbd(_) => unreachable!("NBD sources have a size"),
-            };
+            }
+            .map_err(on_src)?;
             if n == 0 {
                 break;
             }
-            put(&mut dst, at, &buf[..n], o, fresh_file)?;
+            put(&mut dst, at, &buf[..n], o).map_err(on_dst)?;
             progress.add(n as u64);
             at += n as u64;
         }
-        return finish(dst);
+        // Zero blocks were left out of a fresh file: its size is what was copied.
+        if let Dst::File(f, true) = &dst {
+            f.set_len(at).map_err(on_dst)?;
+        }
+        return finish(dst).map_err(on_dst);
     };
     // Where the zeroes are, if the source can say.
     let context = match &src {
@@ -966,7 +1102,8 @@ fn worker(
         _ => None,
     };
     let runs: Vec<Run> = match (&mut src, context) {
-        (Src::Nbd(c), Some(id)) => extents_of(c, id, start, end)?
+        (Src::Nbd(c), Some(id)) => extents_of(c, id, start, end)
+            .map_err(on_src)?
             .into_iter()
             .map(|(offset, len, status)| Run {
                 offset,
@@ -994,9 +1131,8 @@ fn worker(
                 &mut free,
                 o,
                 progress,
-                fresh_file,
             )?;
-            write_zeroes(&mut dst, run.offset, run.len, fresh_file)?;
+            write_zeroes(&mut dst, run.offset, run.len).map_err(on_dst)?;
             progress.add(run.len);
             continue;
         }
@@ -1015,18 +1151,16 @@ fn worker(
         &mut free,
         o,
         progress,
-        fresh_file,
     )?;
-    finish(dst)?;
+    finish(dst).map_err(on_dst)?;
     if let Src::Nbd(c) = src {
-        c.disconnect()?;
+        c.disconnect().map_err(on_src)?;
     }
     Ok(())
 }
 
 /// Moves every queued piece from `src` to `dst`, keeping up to `o.requests` reads in
-/// flight and writing completions out in order.
-#[allow(clippy::too_many_arguments)]
+/// flight and writing completions out in order. Errors name their side.
 fn pump(
     src: &mut Src,
     dst: &mut Dst,
@@ -1035,8 +1169,8 @@ fn pump(
     free: &mut Vec<Vec<u8>>,
     o: &CopyOptions,
     progress: &Progress,
-    fresh_file: bool,
 ) -> io::Result<()> {
+    let on_src = |e| labelled(&o.src, e);
     loop {
         // Fill the pipeline.
         while slots.len() < o.requests {
@@ -1045,9 +1179,12 @@ fn pump(
             };
             let mut buf = free.pop().unwrap_or_else(|| vec![0u8; o.request_size]);
             let cookie = match src {
-                Src::Nbd(c) => Some(c.submit_read(offset, len as u32, CmdFlags::empty())?),
+                Src::Nbd(c) => Some(
+                    c.submit_read(offset, len as u32, CmdFlags::empty())
+                        .map_err(on_src)?,
+                ),
                 Src::File(f) => {
-                    f.read_exact_at(&mut buf[..len], offset)?;
+                    f.read_exact_at(&mut buf[..len], offset).map_err(on_src)?;
                     None
                 }
                 Src::Stdin(_) => unreachable!("streams do not use the pipeline"),
@@ -1066,7 +1203,7 @@ fn pump(
         // Write out what is complete at the head, in order.
         while slots.front().is_some_and(|s| s.done) {
             let s = slots.pop_front().expect("front exists");
-            put(dst, s.offset, &s.buf[..s.len], o, fresh_file)?;
+            put(dst, s.offset, &s.buf[..s.len], o).map_err(|e| labelled(&o.dst, e))?;
             progress.add(s.len as u64);
             free.push(s.buf);
         }
@@ -1074,33 +1211,35 @@ fn pump(
             continue;
         }
         if let Src::Nbd(c) = src {
-            let done = c.complete(&mut Slots(slots))?;
-            done.result.map_err(|e: CommandError| {
-                io::Error::new(e.errno.kind(), format!("reading the source: {e}"))
-            })?;
-            if let Some(s) = slots.iter_mut().find(|s| s.cookie == Some(done.cookie)) {
+            let done = c.complete(&mut Slots(slots)).map_err(on_src)?;
+            let slot = slots.iter_mut().find(|s| s.cookie == Some(done.cookie));
+            if let Err(e) = done.result {
+                let what = match &slot {
+                    Some(s) => format!("read of {} bytes at {}", s.len, s.offset),
+                    None => "read".into(),
+                };
+                return Err(on_src(failed(what, e.into())));
+            }
+            if let Some(s) = slot {
                 s.done = true;
             }
         }
     }
 }
 
+/// Waits for one write of the destination and checks its result.
+fn complete_write(c: &mut Nbd) -> io::Result<()> {
+    let done = c.complete(&mut NoSink)?;
+    done.result.map_err(|e| failed("write", e.into()))
+}
+
 /// Writes one block of data to the destination (zero blocks as zeroes where cheaper).
-fn put(
-    dst: &mut Dst,
-    offset: u64,
-    data: &[u8],
-    o: &CopyOptions,
-    fresh_file: bool,
-) -> io::Result<()> {
+fn put(dst: &mut Dst, offset: u64, data: &[u8], o: &CopyOptions) -> io::Result<()> {
     let zero = data.iter().all(|b| *b == 0);
     match dst {
         Dst::Nbd(c) => {
             if c.in_flight() >= o.requests {
-                let r = c.complete(&mut NoSink)?;
-                r.result.map_err(|e| {
-                    io::Error::new(e.errno.kind(), format!("writing the destination: {e}"))
-                })?;
+                complete_write(c)?;
             }
             if zero && c.flags().contains(TransmissionFlags::SEND_WRITE_ZEROES) {
                 c.submit_write_zeroes(offset, data.len() as u64, CmdFlags::empty())?;
@@ -1109,33 +1248,32 @@ fn put(
             }
             Ok(())
         }
-        Dst::File(f) if zero && fresh_file => {
-            let _ = f;
-            Ok(())
-        }
-        Dst::File(f) => f.write_all_at(data, offset),
+        // A fresh file reads as zeroes already.
+        Dst::File(_, true) if zero => Ok(()),
+        Dst::File(f, _) => f.write_all_at(data, offset),
         Dst::Stdout(s) => s.write_all(data).map_err(StdoutClosed::mark),
     }
 }
 
-fn write_zeroes(dst: &mut Dst, offset: u64, len: u64, fresh_file: bool) -> io::Result<()> {
+/// Makes `[offset, offset + len)` of the destination read as zeroes: nothing to do in a
+/// fresh file, `NBD_CMD_WRITE_ZEROES` where the server has it, zero blocks elsewhere.
+fn write_zeroes(dst: &mut Dst, offset: u64, len: u64) -> io::Result<()> {
     match dst {
         Dst::Nbd(c) if c.flags().contains(TransmissionFlags::SEND_WRITE_ZEROES) => {
+            // Keep the synchronous call's precondition.
+            while c.in_flight() > 0 {
+                complete_write(c)?;
+            }
             let mut at = offset;
             while at < offset + len {
                 let n = (offset + len - at).min(1 << 30);
-                if c.in_flight() > 0 {
-                    // Keep the synchronous call's precondition.
-                    while c.in_flight() > 0 {
-                        c.complete(&mut NoSink)?.result?;
-                    }
-                }
-                c.write_zeroes(at, n, CmdFlags::empty())?;
+                c.write_zeroes(at, n, CmdFlags::empty())
+                    .map_err(|e| failed(format_args!("write zeroes of {n} bytes at {at}"), e))?;
                 at += n;
             }
             Ok(())
         }
-        Dst::File(_) if fresh_file => Ok(()),
+        Dst::File(_, true) => Ok(()),
         _ => {
             let zeroes = vec![0u8; 1 << 20];
             let mut at = offset;
@@ -1144,11 +1282,12 @@ fn write_zeroes(dst: &mut Dst, offset: u64, len: u64, fresh_file: bool) -> io::R
                 match dst {
                     Dst::Nbd(c) => {
                         while c.in_flight() > 0 {
-                            c.complete(&mut NoSink)?.result?;
+                            complete_write(c)?;
                         }
-                        c.write_at(&zeroes[..n], at, CmdFlags::empty())?
+                        c.write_at(&zeroes[..n], at, CmdFlags::empty())
+                            .map_err(|e| failed(format_args!("write of {n} bytes at {at}"), e))?
                     }
-                    Dst::File(f) => f.write_all_at(&zeroes[..n], at)?,
+                    Dst::File(f, _) => f.write_all_at(&zeroes[..n], at)?,
                     Dst::Stdout(s) => s.write_all(&zeroes[..n]).map_err(StdoutClosed::mark)?,
                 }
                 at += n as u64;
@@ -1163,16 +1302,14 @@ fn finish(dst: Dst) -> io::Result<()> {
     match dst {
         Dst::Nbd(mut c) => {
             while c.in_flight() > 0 {
-                c.complete(&mut NoSink)?.result.map_err(|e| {
-                    io::Error::new(e.errno.kind(), format!("writing the destination: {e}"))
-                })?;
+                complete_write(&mut c)?;
             }
             if c.flags().contains(TransmissionFlags::SEND_FLUSH) {
-                c.flush()?;
+                c.flush().map_err(|e| failed("flush", e))?;
             }
             c.disconnect()
         }
-        Dst::File(f) => f.sync_data(),
+        Dst::File(f, _) => f.sync_data(),
         Dst::Stdout(mut s) => s.flush().map_err(StdoutClosed::mark),
     }
 }

@@ -16,12 +16,18 @@
 //! Options:
 //! - `--listen ADDR`, `--connect ADDR`: `unix:PATH`, `tcp:HOST:PORT` or `HOST:PORT`.
 //! - `--log FILE`: write the trace to FILE instead of stdout.
-//! - `--quiet`: print only the per-connection (and final) summaries of message counts.
-//! - `--max-conns N`: exit after N connections have been accepted and closed, printing a total
-//!   summary.
+//! - `--quiet`: print only the total summary of message counts by type at exit, and one line
+//!   for each error (a decode error, a server that cannot be reached).
+//! - `--max-conns N`: exit after N connections have been accepted and closed.
 //!
-//! The first line of the trace is `listening on ADDR` (with the real port when 0 was asked
-//! for); it is written once the socket accepts connections.
+//! At exit (after `--max-conns` connections, or on SIGINT or SIGTERM, which end the proxy
+//! with status 0) it prints `[total] N connections` and a `[total] C->S summary: ...` and
+//! `[total] S->C summary: ...` line of message counts by type, counting connections still
+//! open too.
+//!
+//! Once the socket accepts connections it prints `listening on ADDR, forwarding to ADDR` (with
+//! the real port when 0 was asked for): as the first line of the trace, and also on stderr
+//! (as `nbd-trace: listening on ...`) with `--log`. With `--quiet` it goes to stderr only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -32,7 +38,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
@@ -263,11 +269,10 @@ struct Out {
 }
 
 impl Out {
+    /// A line printed even with `--quiet`: an error, or the summary at exit.
     fn line(&self, line: &str) {
         let mut sink = lock(&self.sink);
-        // A closed stdout or a full disk must not disturb the forwarding.
-        let _ = writeln!(sink, "{line}");
-        let _ = sink.flush();
+        write_line(&mut sink, line);
     }
 
     /// A trace line: suppressed by `--quiet`.
@@ -276,6 +281,12 @@ impl Out {
             self.line(line);
         }
     }
+}
+
+fn write_line(sink: &mut Box<dyn Write + Send>, line: &str) {
+    // A closed stdout or a full disk must not disturb the forwarding.
+    let _ = writeln!(sink, "{line}");
+    let _ = sink.flush();
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -360,6 +371,9 @@ struct Conn {
     id: usize,
     out: Arc<Out>,
     session: Mutex<Session>,
+    /// The counts of every connection, kept up to date message by message, so that a
+    /// signal can print them at any time.
+    totals: Arc<Totals>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -442,7 +456,16 @@ impl Decoder {
     }
 
     fn count(&mut self, what: impl Into<String>) {
-        *self.counts.entry(what.into()).or_insert(0) += 1;
+        let what = what.into();
+        {
+            let mut totals = lock(&self.conn.totals.counts);
+            let t = match self.dir {
+                Dir::ClientToServer => &mut totals.0,
+                Dir::ServerToClient => &mut totals.1,
+            };
+            *t.entry(what.clone()).or_insert(0) += 1;
+        }
+        *self.counts.entry(what).or_insert(0) += 1;
     }
 
     fn session(&self) -> MutexGuard<'_, Session> {
@@ -547,11 +570,12 @@ impl Decoder {
     }
 
     /// Reports undecodable bytes at the current offset and stops decoding this direction.
+    /// The line is printed with `--quiet` too.
     fn fail(&mut self, why: &str) {
         self.count("decode error");
-        self.trace(format_args!(
-            "decode error at byte {}: {why}; forwarding the rest of this direction undecoded",
-            self.offset
+        let (id, dir, at) = (self.conn.id, self.dir, self.offset);
+        self.conn.out.line(&format!(
+            "[{id}] {dir} decode error at byte {at}: {why}; forwarding the rest of this direction undecoded"
         ));
         self.phase = Phase::Raw;
     }
@@ -1154,15 +1178,70 @@ fn pump(mut src: Stream, mut dst: Stream, mut dec: Decoder) -> (Decoder, u64) {
     (dec, total)
 }
 
+/// Message counts of every connection, and how many connections there were.
 struct Totals {
-    c2s: Counts,
-    s2c: Counts,
+    /// (C->S, S->C), updated as each message is decoded.
+    counts: Mutex<(Counts, Counts)>,
+    accepted: AtomicUsize,
+    closed: AtomicUsize,
+    /// The summary has been printed (it is printed once, by a signal or at the end).
+    printed: AtomicBool,
 }
 
-fn merge(into: &mut Counts, from: &Counts) {
-    for (k, v) in from {
-        *into.entry(k.clone()).or_insert(0) += v;
+impl Totals {
+    /// Prints the total summary unless it was printed already, and keeps the output locked
+    /// (so nothing follows it) while `then` runs.
+    fn print_then(&self, out: &Out, then: impl FnOnce()) {
+        let (accepted, closed) = (
+            self.accepted.load(Ordering::SeqCst),
+            self.closed.load(Ordering::SeqCst),
+        );
+        let (c2s, s2c) = lock(&self.counts).clone();
+        let mut sink = lock(&out.sink);
+        if self.printed.swap(true, Ordering::SeqCst) {
+            then();
+            return;
+        }
+        let open = accepted.saturating_sub(closed);
+        let still = if open > 0 {
+            format!(" ({open} still open)")
+        } else {
+            String::new()
+        };
+        write_line(&mut sink, &format!("[total] {accepted} connections{still}"));
+        write_line(
+            &mut sink,
+            &format!("[total] C->S summary: {}", summary(&c2s)),
+        );
+        write_line(
+            &mut sink,
+            &format!("[total] S->C summary: {}", summary(&s2c)),
+        );
+        then();
     }
+}
+
+/// On SIGINT or SIGTERM: the total summary, then exit with status 0 (removing the Unix
+/// socket the proxy listens on, if any).
+fn on_signal_print_totals(out: Arc<Out>, totals: Arc<Totals>, socket: Option<PathBuf>) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nbd-trace: cannot handle signals: {e}");
+            return;
+        }
+    };
+    thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            totals.print_then(&out, || {
+                if let Some(p) = &socket {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(0);
+            });
+        }
+    });
 }
 
 fn handle(
@@ -1171,7 +1250,19 @@ fn handle(
     peer: String,
     connect: &Addr,
     out: Arc<Out>,
-    totals: &Mutex<Totals>,
+    totals: Arc<Totals>,
+) {
+    handle_conn(id, client, peer, connect, out, totals.clone());
+    totals.closed.fetch_add(1, Ordering::SeqCst);
+}
+
+fn handle_conn(
+    id: usize,
+    client: Stream,
+    peer: String,
+    connect: &Addr,
+    out: Arc<Out>,
+    totals: Arc<Totals>,
 ) {
     out.trace(&format!("[{id}] accepted {peer}"));
     let server = match Stream::connect(connect) {
@@ -1189,6 +1280,7 @@ fn handle(
         id,
         out: out.clone(),
         session: Mutex::new(Session::default()),
+        totals,
     });
     let clones = client
         .try_clone()
@@ -1211,15 +1303,12 @@ fn handle(
             return;
         }
     };
-    out.line(&format!(
+    out.trace(&format!(
         "[{id}] closed: C->S {c2s_bytes} bytes ({} payload), S->C {s2c_bytes} bytes ({} payload)",
         c2s.payload_bytes, s2c.payload_bytes
     ));
-    out.line(&format!("[{id}] C->S summary: {}", summary(&c2s.counts)));
-    out.line(&format!("[{id}] S->C summary: {}", summary(&s2c.counts)));
-    let mut t = lock(totals);
-    merge(&mut t.c2s, &c2s.counts);
-    merge(&mut t.s2c, &s2c.counts);
+    out.trace(&format!("[{id}] C->S summary: {}", summary(&c2s.counts)));
+    out.trace(&format!("[{id}] S->C summary: {}", summary(&s2c.counts)));
 }
 
 fn main() -> ExitCode {
@@ -1256,21 +1345,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Signals are handled before anyone is told the proxy is ready.
+    let totals = Arc::new(Totals {
+        counts: Mutex::new((Counts::new(), Counts::new())),
+        accepted: AtomicUsize::new(0),
+        closed: AtomicUsize::new(0),
+        printed: AtomicBool::new(false),
+    });
+    let socket = match &opts.listen {
+        Addr::Unix(p) => Some(p.clone()),
+        Addr::Tcp(_) => None,
+    };
+    on_signal_print_totals(out.clone(), totals.clone(), socket);
     let ready = format!(
         "listening on {}, forwarding to {}",
         listener.local(),
         opts.connect
     );
-    out.line(&ready);
-    if opts.log.is_some() {
+    out.trace(&ready);
+    if opts.log.is_some() || opts.quiet {
         eprintln!("nbd-trace: {ready}");
     }
 
-    let totals = Arc::new(Mutex::new(Totals {
-        c2s: Counts::new(),
-        s2c: Counts::new(),
-    }));
-    let next = AtomicUsize::new(1);
     let mut handles = Vec::new();
     loop {
         if opts.max_conns.is_some_and(|max| handles.len() >= max) {
@@ -1283,19 +1379,15 @@ fn main() -> ExitCode {
                 continue;
             }
         };
-        let id = next.fetch_add(1, Ordering::Relaxed);
+        let id = totals.accepted.fetch_add(1, Ordering::SeqCst) + 1;
         let (connect, out, totals) = (opts.connect.clone(), out.clone(), totals.clone());
         handles.push(thread::spawn(move || {
-            handle(id, client, peer, &connect, out, &totals)
+            handle(id, client, peer, &connect, out, totals)
         }));
     }
     for h in handles {
         let _ = h.join();
     }
-    let t = lock(&totals);
-    let n = next.load(Ordering::Relaxed) - 1;
-    out.line(&format!("[total] {n} connections"));
-    out.line(&format!("[total] C->S summary: {}", summary(&t.c2s)));
-    out.line(&format!("[total] S->C summary: {}", summary(&t.s2c)));
+    totals.print_then(&out, || {});
     ExitCode::SUCCESS
 }

@@ -67,12 +67,11 @@ impl Trace {
             .args(extra);
         let mut proc = Spawned::spawn_in(dir, &mut cmd);
         let log2 = log.clone();
-        proc.wait_for("the trace's `listening on` line", move |_| {
-            fs::read_to_string(&log2).is_ok_and(|s| s.contains("listening on"))
+        proc.wait_for("the proxy's `listening on` line", move |p| {
+            listening_line(&fs::read_to_string(&log2).unwrap_or_default(), &p.stderr()).is_some()
         });
         // "listening on ADDR, forwarding to ..."
-        let text = fs::read_to_string(&log).unwrap();
-        let first = text.lines().next().unwrap();
+        let first = listening_line(&fs::read_to_string(&log).unwrap(), &proc.stderr()).unwrap();
         let bound = first
             .strip_prefix("listening on ")
             .and_then(|s| s.split(", forwarding to ").next())
@@ -123,6 +122,27 @@ impl Trace {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `listening on ADDR, forwarding to ADDR`: the first line of the trace, or (with `--quiet`,
+/// where the trace has only the summary) the line on stderr.
+fn listening_line(log: &str, stderr: &str) -> Option<String> {
+    let first = log
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("listening on "));
+    let on_stderr = || {
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("nbd-trace: "))
+            .filter(|l| l.starts_with("listening on ") && l.contains(", forwarding to "))
+    };
+    first.or_else(on_stderr).map(str::to_string)
+}
+
+/// Sends `signal` (e.g. `-TERM`) to `pid` with kill(1).
+fn signal(pid: u32, signal: &str) {
+    support::run_ok(Command::new("kill").args([signal, &pid.to_string()]));
 }
 
 fn count(log: &str, needle: &str) -> usize {
@@ -674,6 +694,101 @@ fn libnbd_tools_with_qemu_nbd_and_hole_chunks() {
     expect_no_line(&log, &["extended"]);
 }
 
+/// `(offset, length, type)` runs of `qemu-img map --output=json` for a raw file, in
+/// `base:allocation` terms (0 data, 3 hole and zero), neighbours merged.
+fn allocation_runs(json: &str) -> Vec<(u64, u64, u64)> {
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for (start, len, data) in qemu_map(json) {
+        let t = if data { 0 } else { 3 };
+        match runs.last_mut() {
+            Some(last) if last.0 + last.1 == start && last.2 == t => last.1 += len,
+            _ => runs.push((start, len, t)),
+        }
+    }
+    runs
+}
+
+#[test]
+fn nbdinfo_map_of_a_sparse_qemu_nbd_export() {
+    if !support::require(&["qemu-nbd", "qemu-img", "qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let img = dir.data_path("sparse.raw");
+    let i = img.to_str().unwrap();
+    support::run_ok(Command::new("qemu-img").args(["create", "-f", "raw", i, "32M"]));
+    support::run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xaa 0 1M",
+        "-c",
+        "write -P 0x55 5M 2M",
+        "-c",
+        "write -P 0x11 20M 64k",
+        i,
+    ]));
+    let layout = allocation_runs(&support::run_ok(Command::new("qemu-img").args([
+        "map",
+        "--output=json",
+        "-f",
+        "raw",
+        i,
+    ])));
+    assert_eq!(
+        layout,
+        [
+            (0, MIB, 0),
+            (MIB, 4 * MIB, 3),
+            (5 * MIB, 2 * MIB, 0),
+            (7 * MIB, 13 * MIB, 3),
+            (20 * MIB, 64 << 10, 0),
+            (20 * MIB + (64 << 10), 12 * MIB - (64 << 10), 3),
+        ],
+        "the image's layout"
+    );
+    let peer = Peer::qemu_nbd(&img, &["-r", "-x", "sparse"]);
+    let mut trace = Trace::start(&peer.addr().to_string());
+    let map = nbdinfo_map(&support::run_ok(
+        Command::new("nbdinfo").args(["--map", &trace.uri("sparse")]),
+    ));
+    let mut merged: Vec<(u64, u64, u64)> = Vec::new();
+    for (o, len, t, desc) in &map {
+        let want = if *t == 0 { "data" } else { "hole,zero" };
+        assert_eq!(desc, want, "{map:?}");
+        match merged.last_mut() {
+            Some(last) if last.0 + last.1 == *o && last.2 == *t => last.1 += len,
+            _ => merged.push((*o, *len, *t)),
+        }
+    }
+    assert_eq!(merged, layout, "nbdinfo --map: {map:?}");
+
+    let log = trace.settle();
+    expect_clean(&log);
+    expect_line(
+        &log,
+        &["C->S NBD_OPT_SET_META_CONTEXT export=\"sparse\" queries=[\"base:allocation\"]"],
+    );
+    expect_line(
+        &log,
+        &["S->C NBD_REP_ACK to NBD_OPT_GO (transmission starts: structured replies)"],
+    );
+    // libnbd 1.14 does not ask for extended headers, so the requests are compact and the
+    // status chunks have 32-bit descriptors, the first one for the data at the start.
+    expect_line(&log, &["C->S NBD_CMD_BLOCK_STATUS compact", "offset=0"]);
+    expect_line(
+        &log,
+        &[
+            "S->C structured chunk NBD_REPLY_TYPE_BLOCK_STATUS ",
+            "(base:allocation) extents=",
+            "[(1048576,0) (4194304,3) (2097152,0)",
+        ],
+    );
+    expect_no_line(&log, &["NBD_REPLY_TYPE_BLOCK_STATUS_EXT"]);
+    expect_no_line(&log, &["NBD_OPT_EXTENDED_HEADERS"]);
+    expect_no_line(&log, &["extended"]);
+}
+
 #[test]
 fn nbdkit_error_filter_gives_error_chunks() {
     if !support::require(&["nbdkit", "nbdsh"]) {
@@ -1047,28 +1162,81 @@ fn quiet_mode_prints_summaries_and_max_conns_exits() {
         .expect("nbd-trace did not exit after --max-conns connections");
     assert!(status.success(), "{status}");
     let log = trace.log();
-    for line in log.lines() {
-        assert!(
-            line.starts_with("listening on")
-                || line.contains("] closed: ")
-                || line.contains(" summary: ")
-                || line.starts_with("[total]"),
-            "unexpected line in --quiet output: {line:?}\n{log}"
-        );
-    }
-    for c in ["[1]", "[2]"] {
-        expect_line(
-            &log,
-            &[c, "C->S summary:", "NBD_OPT_GO=1", "client flags=1"],
-        );
-        expect_line(&log, &[c, "S->C summary:", "NBD_REP_ACK=", "greeting=1"]);
-    }
+    expect_only_totals(&log);
+    assert_eq!(log.lines().count(), 3, "{log}");
     expect_line(&log, &["[total] 2 connections"]);
     expect_line(
         &log,
         &["[total] C->S summary:", "NBD_OPT_GO=2", "client flags=2"],
     );
     expect_line(&log, &["[total] S->C summary:", "greeting=2"]);
+    // The listening line goes to stderr.
+    assert!(
+        trace
+            .proc
+            .stderr()
+            .contains("nbd-trace: listening on 127.0.0.1:"),
+        "{}",
+        trace.proc.stderr()
+    );
+}
+
+/// Panics unless every line of a `--quiet` trace is a `[total]` summary line.
+#[track_caller]
+fn expect_only_totals(log: &str) {
+    for line in log.lines() {
+        assert!(
+            line.starts_with("[total] ")
+                && (line.contains(" connections") || line.contains(" summary: ")),
+            "unexpected line in --quiet output: {line:?}\n{log}"
+        );
+    }
+}
+
+#[test]
+fn quiet_mode_prints_the_summary_on_sigterm() {
+    if !support::require(&["nbdkit", "nbdinfo", "kill"]) {
+        return;
+    }
+    let peer = Peer::nbdkit(&["memory", "2M"]);
+    let mut trace = Trace::start_with(&peer.addr().to_string(), false, &["--quiet"]);
+    let size = support::run_ok(Command::new("nbdinfo").args(["--size", &trace.uri("")]));
+    assert_eq!(size.trim(), (2 * MIB).to_string());
+    // Nothing but the listening line (on stderr) until the proxy exits.
+    assert_eq!(trace.log(), "", "--quiet printed before exiting");
+    signal(trace.proc.pid(), "-TERM");
+    let status = trace
+        .proc
+        .wait_timeout(Duration::from_secs(20))
+        .expect("nbd-trace did not exit on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let log = trace.log();
+    expect_only_totals(&log);
+    assert_eq!(log.lines().count(), 3, "{log}");
+    // nbdinfo has its size, so every option and reply up to the GO is counted (the
+    // NBD_CMD_DISC may still be on its way).
+    expect_line(&log, &["[total] 1 connections"]);
+    expect_line(
+        &log,
+        &[
+            "[total] C->S summary:",
+            "NBD_OPT_GO=1",
+            "NBD_OPT_STRUCTURED_REPLY=1",
+            "client flags=1",
+        ],
+    );
+    expect_line(
+        &log,
+        &[
+            "[total] S->C summary:",
+            "NBD_REP_ACK=2",
+            "NBD_REP_INFO=",
+            "greeting=1",
+        ],
+    );
+    expect_no_line(&log, &["decode error"]);
+    // The Unix socket is gone with the proxy.
+    assert!(!trace.socket().exists(), "socket left behind");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1250,10 +1418,17 @@ fn play(mut s: UnixStream, script: &Script, me: Side, dribble: bool) -> Vec<u8> 
 /// Plays `script` between a fake client and a fake server through `nbd-trace`, checks that
 /// every byte arrived unchanged in both directions, and returns the trace.
 fn run_script(script: &Script, dribble: bool) -> String {
+    let (mut trace, _dir) = run_script_with(script, dribble, &[]);
+    trace.settle()
+}
+
+/// Like [`run_script`], with `extra` arguments for the proxy; returns it still running (and
+/// the fake server's directory), once both fake peers have seen the end of their stream.
+fn run_script_with(script: &Script, dribble: bool, extra: &[&str]) -> (Trace, TestDir) {
     let dir = TestDir::new();
     let server_sock = dir.join("fake-server.sock");
     let listener = UnixListener::bind(&server_sock).unwrap();
-    let mut trace = Trace::start(&format!("unix:{}", server_sock.display()));
+    let trace = Trace::start_with(&format!("unix:{}", server_sock.display()), false, extra);
     thread::scope(|scope| {
         let server = scope.spawn(|| {
             let (s, _) = listener.accept().unwrap();
@@ -1273,7 +1448,7 @@ fn run_script(script: &Script, dribble: bool) -> String {
             &script.bytes(Side::Client),
         );
     });
-    trace.settle()
+    (trace, dir)
 }
 
 /// The lines of one direction of connection 1, without the stream-end bookkeeping.
@@ -1754,8 +1929,9 @@ fn scripted_extended_session_decodes_every_message() {
     }
 }
 
-#[test]
-fn undecodable_bytes_are_reported_once_and_forwarded_unchanged() {
+/// A session whose server answers NBD_OPT_GO with bytes that are not NBD: the S->C decode
+/// error is at byte 18.
+fn undecodable_script() -> Script {
     let junk = b"THIS IS NOT AN NBD OPTION REPLY, BUT IT MUST STILL REACH THE CLIENT".to_vec();
     let mut s = Script::default();
     s.s(emit(Greeting::LEN, |b| {
@@ -1778,6 +1954,12 @@ fn undecodable_bytes_are_reported_once_and_forwarded_unchanged() {
     .opt(Opt::Abort)
     // Half an option header, then the client closes.
     .c(b"IHAVEOPT".to_vec());
+    s
+}
+
+#[test]
+fn undecodable_bytes_are_reported_once_and_forwarded_unchanged() {
+    let s = undecodable_script();
     for dribble in [false, true] {
         let log = run_script(&s, dribble);
         expect_line(
@@ -1815,4 +1997,34 @@ fn a_server_that_cannot_be_reached_closes_the_client() {
         &log,
         &["[1] cannot connect to unix:", "nobody-listens.sock"],
     );
+}
+
+#[test]
+fn quiet_mode_keeps_decode_errors_and_prints_the_summary_on_sigint() {
+    if !support::require(&["kill"]) {
+        return;
+    }
+    let (mut trace, _dir) = run_script_with(&undecodable_script(), false, &["--quiet"]);
+    // Both fake peers saw the end of their streams: everything has been decoded.
+    signal(trace.proc.pid(), "-INT");
+    let status = trace
+        .proc
+        .wait_timeout(Duration::from_secs(20))
+        .expect("nbd-trace did not exit on SIGINT");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let log = trace.log();
+    let mut lines = log.lines();
+    assert_eq!(
+        lines.next(),
+        Some("[1] S->C decode error at byte 18: bad magic 0x5448495320495320: expected NBD_REP_MAGIC; forwarding the rest of this direction undecoded"),
+        "{log}"
+    );
+    expect_only_totals(&lines.collect::<Vec<_>>().join("\n"));
+    assert_eq!(log.lines().count(), 4, "{log}");
+    expect_line(&log, &["[total] 1 connections"]);
+    expect_line(
+        &log,
+        &["[total] C->S summary:", "NBD_OPT_ABORT=1", "NBD_OPT_GO=1"],
+    );
+    expect_line(&log, &["[total] S->C summary: decode error=1 greeting=1"]);
 }
