@@ -474,6 +474,11 @@ fn stop_pid(what: &str, pid: u32, start_time: Option<u64>, mut child: Option<&mu
     }
     if let Some(c) = child {
         if c.id() == pid {
+            // Still running (the `kill` program missing, say): std's own SIGKILL, so that
+            // the wait below cannot block.
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
             let _ = c.wait();
         }
     }
