@@ -8,17 +8,16 @@ mod support;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nbd_proto::blocking::{errno_of, BlockingClient, NoSink};
 use nbd_proto::client::ClientConfig;
 use nbd_proto::wire::{
     CmdFlags, Cookie, Errno, HandshakeFlags, OldstyleHello, Request, SimpleReply, TransmissionFlags,
 };
-use support::{pattern, Peer, Spawned, TestDir};
+use support::{pattern, Peer, TestDir, Trace};
 
 const MIB: u64 = 1 << 20;
 
@@ -369,7 +368,7 @@ fn map_dirty_bitmap_and_allocation_depth_agree_with_nbdinfo() {
         return;
     }
     let dir = TestDir::new();
-    let top = bitmap_image(&dir);
+    let top = dir.bitmap_image();
     let peer = Peer::qemu_nbd(&top, &["-f", "qcow2", "-A", "-B", "bm0", "-x", "top"]);
     let uri = peer.uri("top");
     let dirty = json_runs(&example_ok(&[
@@ -516,8 +515,8 @@ fn copy_nbd_to_nbd_writes_zeroes_over_the_source_holes() {
         "nbdcopy",
         &[junk.to_str().unwrap(), &du],
     ));
-    let mut src_trace = Trace::start(&src);
-    let mut dst_trace = Trace::start(&dst);
+    let mut src_trace = Trace::start(src.addr());
+    let mut dst_trace = Trace::start(dst.addr());
     example_ok(&[
         "copy",
         &src_trace.uri(""),
@@ -527,7 +526,7 @@ fn copy_nbd_to_nbd_writes_zeroes_over_the_source_holes() {
         "--request-size",
         "64k",
     ]);
-    let (src_log, dst_log) = (src_trace.settle(), dst_trace.settle());
+    let (src_log, dst_log) = (src_trace.settle_clean(), dst_trace.settle_clean());
     let writes = requests(&dst_log, "NBD_CMD_WRITE");
     let zeroes = requests(&dst_log, "NBD_CMD_WRITE_ZEROES");
     let reads = requests(&src_log, "NBD_CMD_READ");
@@ -577,9 +576,9 @@ fn copy_to_nbd_without_write_zeroes_writes_zero_blocks() {
         "nbdcopy",
         &[junk.to_str().unwrap(), &du],
     ));
-    let mut dst_trace = Trace::start(&dst);
+    let mut dst_trace = Trace::start(dst.addr());
     example_ok(&["copy", &src.default_uri(), &dst_trace.uri("")]);
-    let log = dst_trace.settle();
+    let log = dst_trace.settle_clean();
     assert!(!log.contains("SEND_WRITE_ZEROES"), "{log}");
     assert!(requests(&log, "NBD_CMD_WRITE_ZEROES").is_empty(), "{log}");
     let writes = requests(&log, "NBD_CMD_WRITE");
@@ -625,58 +624,6 @@ fn copy_from_stdin_replaces_an_existing_file() {
 // ---------------------------------------------------------------------------------------------
 // The example's copies, watched through the `nbd-trace` proxy
 // ---------------------------------------------------------------------------------------------
-
-/// The `nbd-trace` example in front of a server, writing its trace to a log file. Declare it
-/// after the server, so that it stops first.
-struct Trace {
-    proc: Spawned,
-    log: PathBuf,
-    socket: PathBuf,
-}
-
-impl Trace {
-    fn start(server: &Peer) -> Trace {
-        let dir = TestDir::named(&format!("{}-trace", support::test_name()));
-        let log = dir.join("trace.log");
-        let socket = dir.join("trace.sock");
-        let mut cmd = Command::new(support::example_binary("nbd-trace"));
-        cmd.arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .args(["--connect", &server.addr().to_string(), "--log"])
-            .arg(&log);
-        let mut proc = Spawned::spawn_in(dir, &mut cmd);
-        let log2 = log.clone();
-        proc.wait_for("the trace's `listening on` line", move |_| {
-            fs::read_to_string(&log2).is_ok_and(|s| s.contains("listening on"))
-        });
-        Trace { proc, log, socket }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        support::Addr::Unix(self.socket.clone()).uri(export)
-    }
-
-    /// Waits until every connection the proxy accepted has closed, and returns the trace.
-    fn settle(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = fs::read_to_string(&self.log).unwrap_or_default();
-            let accepted = log.matches("] accepted ").count();
-            let ended = log.matches("] closed: ").count() + log.matches("] cannot connect").count();
-            if accepted > 0 && ended == accepted {
-                assert!(!log.contains("decode error"), "{log}");
-                return log;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "trace did not settle ({accepted} accepted, {ended} closed); proxy stderr:\n{}\ntrace:\n{log}",
-                    self.proc.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// `(connection, offset, length)` of every `command` request (e.g. `NBD_CMD_WRITE`) in a
 /// trace.
@@ -749,8 +696,8 @@ fn copy_with_several_connections() {
     // -e 4: several clients, so both advertise CAN_MULTI_CONN.
     let src = Peer::qemu_nbd(&file, &["-r", "-e", "4"]);
     let dst = Peer::qemu_nbd(&target, &["-e", "4"]);
-    let mut src_trace = Trace::start(&src);
-    let mut dst_trace = Trace::start(&dst);
+    let mut src_trace = Trace::start(src.addr());
+    let mut dst_trace = Trace::start(dst.addr());
     let err = example_stderr_ok(&[
         "copy",
         &src_trace.uri(""),
@@ -761,7 +708,7 @@ fn copy_with_several_connections() {
         "16",
     ]);
     assert_eq!(err, "", "nothing on stderr");
-    let (src_log, dst_log) = (src_trace.settle(), dst_trace.settle());
+    let (src_log, dst_log) = (src_trace.settle_clean(), dst_trace.settle_clean());
     for (log, side) in [(&src_log, "source"), (&dst_log, "destination")] {
         assert_eq!(log.matches("] accepted ").count(), 3, "{side}:\n{log}");
         assert_eq!(
@@ -816,8 +763,8 @@ fn copy_falls_back_to_one_connection_without_multi_conn() {
             },
         );
         let dst = Peer::qemu_nbd(&target, if single_src { &["-e", "4"] } else { &[] });
-        let mut src_trace = Trace::start(&src);
-        let mut dst_trace = Trace::start(&dst);
+        let mut src_trace = Trace::start(src.addr());
+        let mut dst_trace = Trace::start(dst.addr());
         let (su, du) = (src_trace.uri(""), dst_trace.uri(""));
         let err = example_stderr_ok(&["copy", &su, &du, "--connections", "3"]);
         let named = if single_src { &su } else { &du };
@@ -827,7 +774,7 @@ fn copy_falls_back_to_one_connection_without_multi_conn() {
                 "nbd-client: copy: using 1 connection instead of 3: {side} {named}: the server does not offer CAN_MULTI_CONN\n"
             )
         );
-        let (src_log, dst_log) = (src_trace.settle(), dst_trace.settle());
+        let (src_log, dst_log) = (src_trace.settle_clean(), dst_trace.settle_clean());
         let (single, multi) = if single_src {
             (&src_log, &dst_log)
         } else {
@@ -976,30 +923,6 @@ fn info_and_list() {
     );
 }
 
-/// The qcow2-over-raw image with the persistent dirty bitmap `bm0`: backing data in
-/// [0, 1M), local data in [2M, 2.5M) and local zeroes in [8M, 9M), both dirty.
-fn bitmap_image(dir: &TestDir) -> PathBuf {
-    let base = dir.data_path("base.raw");
-    let top = dir.data_path("top.qcow2");
-    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
-    let qi = |args: &[&str]| support::run_ok(&mut support::command("qemu-img", args));
-    let qio = |args: &[&str]| support::run_ok(&mut support::command("qemu-io", args));
-    qi(&["create", "-f", "raw", b, "64M"]);
-    qio(&["-f", "raw", "-c", "write -P 0xaa 0 1M", b]);
-    qi(&["create", "-f", "qcow2", "-F", "raw", "-b", b, t, "64M"]);
-    qi(&["bitmap", "--add", t, "bm0"]);
-    qio(&[
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0xbb 2M 512k",
-        "-c",
-        "write -z 8M 1M",
-        t,
-    ]);
-    top
-}
-
 /// `info --context qemu:` sends the prefix query to the server (NBD_OPT_LIST_META_CONTEXT)
 /// and lists what it answers: both of qemu-nbd's `qemu:` contexts, not `base:allocation`.
 #[test]
@@ -1008,9 +931,9 @@ fn info_lists_meta_contexts_matching_a_prefix_query() {
         return;
     }
     let dir = TestDir::new();
-    let top = bitmap_image(&dir);
+    let top = dir.bitmap_image();
     let peer = Peer::qemu_nbd(&top, &["-f", "qcow2", "-A", "-B", "bm0", "-x", "top"]);
-    let mut trace = Trace::start(&peer);
+    let mut trace = Trace::start(peer.addr());
     let uri = trace.uri("top");
     let contexts = |json: &str| -> Vec<String> {
         let line = json
@@ -1042,7 +965,7 @@ fn info_lists_meta_contexts_matching_a_prefix_query() {
         "{text}"
     );
     // The server did the matching.
-    let log = trace.settle();
+    let log = trace.settle_clean();
     assert!(
         log.contains(" C->S NBD_OPT_LIST_META_CONTEXT export=\"top\" queries=[\"qemu:\"]"),
         "{log}"

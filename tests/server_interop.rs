@@ -13,12 +13,12 @@
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{Addr, Spawned, TestDir};
+use support::{Addr, Spawned, TestDir, Trace};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -99,57 +99,6 @@ impl Server {
             !err.contains("connection ended"),
             "the server logged failed connections:\n{err}"
         );
-    }
-}
-
-/// A running `nbd-trace` proxy writing its trace to a log file. Declare it after the
-/// server it forwards to, so that it is stopped first.
-struct Trace {
-    proc: Spawned,
-    log: PathBuf,
-    sock: PathBuf,
-}
-
-impl Trace {
-    /// `nbd-trace --listen unix:DIR/trace.sock --connect unix:TARGET --log DIR/trace.log`.
-    fn start(target: &Path) -> Trace {
-        let dir = TestDir::named(&format!("{}-trace", support::test_name()));
-        let log = dir.join("trace.log");
-        let sock = dir.join("trace.sock");
-        let mut cmd = Command::new(support::example_binary("nbd-trace"));
-        cmd.arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--connect")
-            .arg(format!("unix:{}", target.display()))
-            .arg("--log")
-            .arg(&log);
-        let mut proc = Spawned::spawn_in(dir, &mut cmd);
-        proc.wait_for_unix_socket(&sock);
-        Trace { proc, log, sock }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        Addr::Unix(self.sock.clone()).uri(export)
-    }
-
-    /// Waits until every accepted connection has closed, then returns the trace.
-    fn settle(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = fs::read_to_string(&self.log).unwrap_or_default();
-            let accepted = log.matches("] accepted ").count();
-            let ended = log.matches("] closed: ").count() + log.matches("] cannot connect").count();
-            if accepted > 0 && ended == accepted {
-                return log;
-            }
-            if Instant::now() >= deadline || self.proc.try_wait().is_some() {
-                panic!(
-                    "trace did not settle ({accepted} accepted, {ended} closed); stderr:\n{}\ntrace:\n{log}",
-                    self.proc.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 
@@ -914,7 +863,7 @@ fn many_extents_span_several_block_status_replies() {
         "--granularity",
         "4K",
     ]);
-    let mut trace = Trace::start(srv.socket());
+    let mut trace = Trace::start(&Addr::Unix(srv.socket().to_path_buf()));
     let uri = trace.uri("");
     let script = format!(
         r#"
@@ -1012,7 +961,7 @@ fn nbdcopy_two_connections() {
             .code(),
         Some(0)
     );
-    let mut trace = Trace::start(srv.socket());
+    let mut trace = Trace::start(&Addr::Unix(srv.socket().to_path_buf()));
     support::run_ok(
         Command::new("nbdcopy")
             .args(["--connections", "2"])
@@ -1463,7 +1412,7 @@ fn qemu_extended_headers_through_trace_proxy() {
         return;
     }
     let srv = Server::unix(&["--memory", "8G"]);
-    let mut trace = Trace::start(srv.socket());
+    let mut trace = Trace::start(&Addr::Unix(srv.socket().to_path_buf()));
     let uri = trace.uri("");
     qemu_io(
         &uri,

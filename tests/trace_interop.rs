@@ -399,38 +399,13 @@ fn qemu_img_info_map_convert_use_extended_headers() {
     expect_no_line(&log, &["simple reply"]);
 }
 
-/// Builds the qcow2-over-raw image with the persistent dirty bitmap `bm0` that
-/// peers-on-this-machine.md describes: data from the backing file in [0, 1M), local data
-/// in [2M, 2.5M) and local zeroes in [8M, 9M), both marked dirty.
-fn bitmap_image(dir: &TestDir) -> PathBuf {
-    let base = dir.data_path("base.raw");
-    let top = dir.data_path("top.qcow2");
-    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
-    support::run_ok(Command::new("qemu-img").args(["create", "-f", "raw", b, "64M"]));
-    support::run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0xaa 0 1M", b]));
-    support::run_ok(
-        Command::new("qemu-img").args(["create", "-f", "qcow2", "-F", "raw", "-b", b, t, "64M"]),
-    );
-    support::run_ok(Command::new("qemu-img").args(["bitmap", "--add", t, "bm0"]));
-    support::run_ok(Command::new("qemu-io").args([
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0xbb 2M 512k",
-        "-c",
-        "write -z 8M 1M",
-        t,
-    ]));
-    top
-}
-
 #[test]
 fn qemu_dirty_bitmap_and_allocation_depth_contexts() {
     if !support::require(&["qemu-nbd", "qemu-img", "qemu-io", "nbdinfo"]) {
         return;
     }
     let dir = TestDir::new();
-    let top = bitmap_image(&dir);
+    let top = dir.bitmap_image();
     let peer = Peer::qemu_nbd(
         &top,
         &["-f", "qcow2", "-A", "-B", "bm0", "-x", "top", "-e", "4"],

@@ -283,6 +283,30 @@ impl TestDir {
         write_pattern_file(&p, size, seed);
         p
     }
+    /// A qcow2 image over a raw backing file, with the persistent dirty bitmap `bm0`
+    /// (needs `qemu-img` and `qemu-io`): data from the backing file in [0, 1M), local data
+    /// in [2M, 2.5M) and local zeroes in [8M, 9M), both marked dirty. 64 MiB.
+    pub fn bitmap_image(&self) -> PathBuf {
+        let base = self.data_path("base.raw");
+        let top = self.data_path("top.qcow2");
+        let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+        let qi = |args: &[&str]| run_ok(&mut command("qemu-img", args));
+        let qio = |args: &[&str]| run_ok(&mut command("qemu-io", args));
+        qi(&["create", "-f", "raw", b, "64M"]);
+        qio(&["-f", "raw", "-c", "write -P 0xaa 0 1M", b]);
+        qi(&["create", "-f", "qcow2", "-F", "raw", "-b", b, t, "64M"]);
+        qi(&["bitmap", "--add", t, "bm0"]);
+        qio(&[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xbb 2M 512k",
+            "-c",
+            "write -z 8M 1M",
+            t,
+        ]);
+        top
+    }
 
     /// Creates `data_dir()/name` as a sparse, all-zero file of `size` bytes.
     pub fn zero_file(&self, name: &str, size: u64) -> PathBuf {
@@ -1461,4 +1485,69 @@ pub fn make_pki(dir: &TestDir, client_cert: bool) -> Pki {
     let (other_cert, _) = ca("a CA that signed nothing here");
     std::fs::write(pki.other.join("ca-cert.pem"), other_cert.pem()).unwrap();
     pki
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `nbd-trace` example as a witness
+// ---------------------------------------------------------------------------------------------
+
+/// A running `nbd-trace` proxy in front of a server, writing its trace to a log file: tests
+/// point a client at [`Trace::uri`] and read what crossed the wire. Declare it after the
+/// server it forwards to, so that it is stopped first.
+pub struct Trace {
+    proc: Spawned,
+    log: PathBuf,
+    sock: PathBuf,
+}
+
+impl Trace {
+    /// `nbd-trace --listen unix:DIR/trace.sock --connect TARGET --log DIR/trace.log`.
+    pub fn start(target: &Addr) -> Trace {
+        let dir = TestDir::named(&format!("{}-trace", test_name()));
+        let log = dir.join("trace.log");
+        let sock = dir.join("trace.sock");
+        let mut cmd = Command::new(example_binary("nbd-trace"));
+        cmd.arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--connect")
+            .arg(target.to_string())
+            .arg("--log")
+            .arg(&log);
+        let mut proc = Spawned::spawn_in(dir, &mut cmd);
+        proc.wait_for_unix_socket(&sock);
+        Trace { proc, log, sock }
+    }
+
+    /// The URI of `export` through the proxy.
+    pub fn uri(&self, export: &str) -> String {
+        Addr::Unix(self.sock.clone()).uri(export)
+    }
+
+    /// Waits (up to 20 s) until every connection the proxy accepted has closed, then
+    /// returns the trace.
+    pub fn settle(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let accepted = log.matches("] accepted ").count();
+            let ended = log.matches("] closed: ").count() + log.matches("] cannot connect").count();
+            if accepted > 0 && ended == accepted {
+                return log;
+            }
+            if Instant::now() >= deadline || self.proc.try_wait().is_some() {
+                panic!(
+                    "trace did not settle ({accepted} accepted, {ended} closed); stderr:\n{}\ntrace:\n{log}",
+                    self.proc.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`settle`](Self::settle), and the proxy decoded everything.
+    pub fn settle_clean(&mut self) -> String {
+        let log = self.settle();
+        assert!(!log.contains("decode error"), "{log}");
+        log
+    }
 }
