@@ -1,7 +1,7 @@
 //! Test harness for interop tests against real NBD peers.
 //!
 //! Include it from an integration test with `mod support;`. It only uses
-//! `std` plus a few standard Unix commands (`kill`, `ps`). It starts and
+//! `std`, Linux `/proc` and the `kill` command. It starts and
 //! stops `qemu-nbd`, `nbdkit` and `nbd-server`, runs client tools with a
 //! timeout, and makes temporary directories and data files.
 //!
@@ -412,23 +412,19 @@ pub fn free_port() -> u16 {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// Returns true if `pid` exists and is not a zombie. It uses
-/// `ps -o stat= -p PID`: daemonised servers are re-parented to PID 1, which
-/// may reap them late, so a zombie counts as gone.
+/// Returns true if `pid` exists and is not a zombie. It reads the state field of
+/// `/proc/PID/stat` (no subprocess, so it cannot fail for want of one and report a live
+/// server gone): daemonised servers are re-parented to PID 1, which may reap them late,
+/// so a zombie counts as gone.
 pub fn process_alive(pid: u32) -> bool {
-    let out = Command::new("ps")
-        .args(["-o", "stat=", "-p", &pid.to_string()])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let stat = String::from_utf8_lossy(&o.stdout);
-            let stat = stat.trim();
-            !stat.is_empty() && !stat.starts_with('Z')
-        }
-        _ => false,
-    }
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The command name (field 2) may contain spaces: the state follows its last ')'.
+    let state = stat
+        .rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X" | "x"))
 }
 
 /// Start time of `pid` in clock ticks since boot (field 22 of
