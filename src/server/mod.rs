@@ -35,6 +35,105 @@
 //! application sees only valid requests ([`ServerEvent::Request`]) and replies to them in
 //! any order.
 //!
+//! # Example
+//!
+//! Serving one client a 1 MiB disk held in a `Vec` (see [`crate::blocking::server`] for a
+//! complete driver with backends). Write payloads go from the socket into the disk and
+//! read data from the disk to the socket; the machine only frames them.
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use std::net::TcpListener;
+//! use nbd_proto::server::{ExportInfo, Server, ServerConfig, ServerEvent, State};
+//! use nbd_proto::wire::{Command, OptError, TransmissionFlags};
+//! use nbd_proto::{Transmit, Want};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut disk = vec![0u8; 1 << 20];
+//! let export = ExportInfo::new(disk.len() as u64, TransmissionFlags::SEND_FLUSH);
+//! let (mut sock, _) = TcpListener::bind("127.0.0.1:10809")?.accept()?;
+//! sock.set_nodelay(true)?; // replies are small writes
+//! let mut server: Server = Server::new(ServerConfig::default());
+//! let (mut out, mut input, mut scratch) = (vec![0u8; 65536], Vec::new(), [0u8; 4096]);
+//! let mut writing = None; // a write whose payload is still arriving
+//! loop {
+//!     // 2. Send what the machine queued.
+//!     while let Some(t) = server.poll_transmit(&mut out)? {
+//!         match t {
+//!             Transmit::Bytes(n) => sock.write_all(&out[..n])?,
+//!             Transmit::Payload { offset, len, .. } => {
+//!                 sock.write_all(&disk[offset as usize..][..len])?
+//!             }
+//!             Transmit::Zeroes { len, .. } => sock.write_all(&vec![0; len])?,
+//!             _ => unreachable!("no other transmit in this version"),
+//!         }
+//!     }
+//!     // A write is answered once all its data is in the disk.
+//!     if let Some(cookie) = writing {
+//!         if !matches!(server.wants(), Want::Payload { .. }) {
+//!             writing = None;
+//!             server.reply(cookie, Ok(()))?;
+//!             continue;
+//!         }
+//!     }
+//!     // 3. Do what the machine wants.
+//!     match server.wants() {
+//!         Want::Payload { offset, len, .. } => {
+//!             let n = sock.read(&mut disk[offset as usize..][..len])?;
+//!             if n == 0 {
+//!                 break server.handle_eof()?;
+//!             }
+//!             server.handle_payload(n)?;
+//!             continue;
+//!         }
+//!         Want::Discard { len } => {
+//!             let n = sock.read(&mut scratch[..len.min(4096)])?;
+//!             if n == 0 {
+//!                 break server.handle_eof()?;
+//!             }
+//!             server.handle_payload(n)?;
+//!             continue;
+//!         }
+//!         Want::Bytes(n) if input.len() < n => {
+//!             let have = input.len();
+//!             input.resize(n, 0);
+//!             let got = sock.read(&mut input[have..])?;
+//!             input.truncate(have + got);
+//!             if got == 0 {
+//!                 break server.handle_eof()?;
+//!             }
+//!         }
+//!         Want::Nothing if server.state() == State::Closed => break,
+//!         _ => {}
+//!     }
+//!     // 4. Hand over the bytes: at most one message and one event per call.
+//!     let handled = server.handle_input(&input)?;
+//!     match handled.event {
+//!         Some(ServerEvent::Export(q)) if q.name.is_empty() => server.answer_export(&export)?,
+//!         Some(ServerEvent::Export(_)) => server.answer_error(OptError::UnknownExport, "")?,
+//!         Some(ServerEvent::List) => {
+//!             server.answer_list_entry("", "a 1 MiB disk")?;
+//!             server.answer_ack()?;
+//!         }
+//!         // No metadata contexts here: an empty answer.
+//!         Some(ServerEvent::MetaContexts(_)) => server.answer_ack()?,
+//!         Some(ServerEvent::Request { request, .. }) => match request.command {
+//!             Command::Read => {
+//!                 let (offset, len) = (request.offset, request.len as usize);
+//!                 server.reply_read_data(request.cookie, offset, len)?
+//!             }
+//!             Command::Write => writing = Some(request.cookie),
+//!             // The machine lets through only what the export advertises.
+//!             _ => server.reply(request.cookie, Ok(()))?,
+//!         },
+//!         _ => {}
+//!     }
+//!     input.drain(..handled.consumed);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Memory
 //!
 //! All state is inline: `N` owed replies (default 64) and a `B`-byte output buffer
