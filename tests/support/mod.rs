@@ -412,19 +412,25 @@ pub fn free_port() -> u16 {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// Returns true if `pid` exists and is not a zombie. It reads the state field of
-/// `/proc/PID/stat` (no subprocess, so it cannot fail for want of one and report a live
-/// server gone): daemonised servers are re-parented to PID 1, which may reap them late,
-/// so a zombie counts as gone.
+/// Returns true if `pid` exists and is not a zombie. It reads `/proc` (no subprocess, so
+/// it cannot fail for want of one and report a live server gone): the state of each of
+/// the process's threads, since a server whose main thread has exited while others still
+/// hold its socket is not gone yet. Daemonised servers are re-parented to PID 1, which may
+/// reap them late, so a process whose threads are all zombies counts as gone.
 pub fn process_alive(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
+    let live = |stat: &str| {
+        // The command name (field 2) may contain spaces: the state follows its last ')'.
+        let state = stat
+            .rfind(')')
+            .and_then(|at| stat[at + 1..].split_whitespace().next());
+        !matches!(state, None | Some("Z" | "X" | "x"))
     };
-    // The command name (field 2) may contain spaces: the state follows its last ')'.
-    let state = stat
-        .rfind(')')
-        .and_then(|at| stat[at + 1..].split_whitespace().next());
-    !matches!(state, None | Some("Z" | "X" | "x"))
+    match fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks
+            .flatten()
+            .any(|t| fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| live(&stat))),
+        Err(_) => fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| live(&stat)),
+    }
 }
 
 /// Start time of `pid` in clock ticks since boot (field 22 of
