@@ -11,7 +11,7 @@ use nbd_proto::wire::{CmdFlags, Command, Cookie, Info, OptCode, REP_MAGIC};
 use nbd_proto::{Error, TlsPolicy, Transmit, Want};
 
 use super::script::{self, Form};
-use super::{check_borrow, Bytes, Rng};
+use super::{check_borrow, Bytes, Feed, Rng};
 
 /// Fragments of one read the client tracks exactly (`client/inflight.rs`).
 const READ_FRAGMENTS: usize = 4;
@@ -858,35 +858,17 @@ pub struct Transcript {
 /// Feeds `stream` to a client configured by `setup`: whole (`split` = `None`), or in
 /// pieces sized by `split`, reading exactly what `wants()` asks for.
 pub fn run_client<const N: usize>(setup: &Setup, stream: &[u8], split: Option<Rng>) -> Transcript {
-    let points = server_tls_points(stream);
-    let mut k = Checked::<N>::new(&setup.config(), split.clone());
-    let mut rng = split;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut delivered = 0;
+    let mut feed = Feed::new(stream, server_tls_points(stream), split.clone());
+    let mut k = Checked::<N>::new(&setup.config(), split);
     let mut abs = 0;
     let mut followed = None;
-    let mut past_point = false;
     k.check();
     k.transmit();
     for _ in 0..10_000_000 {
         if k.finished() {
             break;
         }
-        // Never deliver across a TLS point until everything before it is consumed.
-        let limit = if !past_point && !buf.is_empty() && points.contains(&delivered) {
-            delivered
-        } else {
-            points
-                .iter()
-                .copied()
-                .find(|&p| p > delivered)
-                .unwrap_or(stream.len())
-        };
-        past_point = false;
-        let mut piece = |max: usize| match &mut rng {
-            None => max,
-            Some(r) => r.piece(max).min(max),
-        };
+        feed.step();
         if setup.follow
             && k.c.state() == State::Negotiating
             && k.c.wants() == Want::Nothing
@@ -899,15 +881,7 @@ pub fn run_client<const N: usize>(setup: &Setup, stream: &[u8], split: Option<Rn
         }
         match k.c.wants() {
             Want::Payload { len, .. } => {
-                let n = if buf.is_empty() {
-                    let n = piece(len.min(limit - delivered));
-                    delivered += n;
-                    n
-                } else {
-                    let n = piece(len.min(buf.len()));
-                    buf.drain(..n);
-                    n
-                };
+                let n = feed.payload(len);
                 if n == 0 {
                     break;
                 }
@@ -916,53 +890,29 @@ pub fn run_client<const N: usize>(setup: &Setup, stream: &[u8], split: Option<Rn
                 k.transmit();
                 continue;
             }
-            Want::Bytes(w) if buf.len() < w && delivered < limit => {
-                let n = piece((w - buf.len()).min(limit - delivered));
-                let n = if k.sizes.is_none() {
-                    limit - delivered
-                } else {
-                    n
-                };
-                buf.extend_from_slice(&stream[delivered..delivered + n]);
-                delivered += n;
-            }
-            Want::Nothing if delivered < limit && (k.sizes.is_none() || buf.is_empty()) => {
-                let n = piece(limit - delivered);
-                buf.extend_from_slice(&stream[delivered..delivered + n]);
-                delivered += n;
-            }
-            _ => {}
+            want => feed.offer(want),
         }
-        let Some((consumed, event)) = k.input(&buf) else {
+        let Some((consumed, event)) = k.input(&feed.buf) else {
             break;
         };
         if consumed == 0 && !event {
+            let buffered = feed.buf.len();
             match k.c.wants() {
                 Want::Bytes(w) => assert!(
-                    w > buf.len() || buf.is_empty(),
-                    "no progress with {} bytes, and wants() says {w}",
-                    buf.len()
+                    w > buffered || buffered == 0,
+                    "no progress with {buffered} bytes, and wants() says {w}"
                 ),
                 w => assert!(
-                    buf.is_empty(),
-                    "no progress with {} bytes, wants {w:?}",
-                    buf.len()
+                    buffered == 0,
+                    "no progress with {buffered} bytes, wants {w:?}"
                 ),
             }
-            if delivered == stream.len() {
+            if !feed.stalled() {
                 break;
             }
-            if limit == delivered {
-                // Stuck before a TLS point: the rest must come anyway.
-                past_point = true;
-                continue;
-            }
-            let n = piece(limit - delivered);
-            buf.extend_from_slice(&stream[delivered..delivered + n]);
-            delivered += n;
             continue;
         }
-        buf.drain(..consumed);
+        feed.consume(consumed);
         abs += consumed;
         if k.saw_starttls {
             k.call("tls_established", |c| c.tls_established());

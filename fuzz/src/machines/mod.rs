@@ -33,6 +33,8 @@ pub mod server;
 
 use std::fmt::Debug;
 
+use nbd_proto::Want;
+
 /// A small deterministic generator (xorshift64*), seeded from the input, for split points
 /// and buffer sizes: the same input always splits the same way.
 #[derive(Debug, Clone)]
@@ -68,6 +70,124 @@ impl Rng {
             _ => max,
         };
         1 + (r >> 8) as usize % cap.clamp(1, max.max(1))
+    }
+}
+
+/// A recorded peer stream, delivered to a machine the way a driver would: whole, or in
+/// pieces `split` chooses, and never past a TLS point (where the transport changes) before
+/// everything ahead of it has been consumed. `client_input` and `server_input` drive their
+/// machine with one.
+pub struct Feed<'s> {
+    stream: &'s [u8],
+    /// Offsets in `stream` where TLS starts.
+    points: Vec<usize>,
+    split: Option<Rng>,
+    /// Bytes of `stream` delivered: into `buf`, or moved as payload.
+    pub delivered: usize,
+    /// Delivered and not yet consumed.
+    pub buf: Vec<u8>,
+    /// How far delivery may go in this step (see [`step`](Self::step)).
+    limit: usize,
+    /// Stuck before a TLS point: the next step may cross it.
+    past_point: bool,
+}
+
+impl<'s> Feed<'s> {
+    pub fn new(stream: &'s [u8], points: Vec<usize>, split: Option<Rng>) -> Self {
+        Self {
+            stream,
+            points,
+            split,
+            delivered: 0,
+            buf: Vec::new(),
+            limit: 0,
+            past_point: false,
+        }
+    }
+
+    /// Starts a step: delivery stops at the next TLS point, or right here while bytes
+    /// before one are still buffered.
+    pub fn step(&mut self) {
+        let d = self.delivered;
+        self.limit = if !self.past_point && !self.buf.is_empty() && self.points.contains(&d) {
+            d
+        } else {
+            self.points
+                .iter()
+                .copied()
+                .find(|&p| p > d)
+                .unwrap_or(self.stream.len())
+        };
+        self.past_point = false;
+    }
+
+    fn piece(&mut self, max: usize) -> usize {
+        match &mut self.split {
+            None => max,
+            Some(r) => r.piece(max).min(max),
+        }
+    }
+
+    fn deliver(&mut self, n: usize) {
+        self.buf
+            .extend_from_slice(&self.stream[self.delivered..self.delivered + n]);
+        self.delivered += n;
+    }
+
+    /// Moves up to `len` payload bytes (buffered ones first) as a driver answering
+    /// `Want::Payload` or `Want::Discard` would, and returns how many (0: none left).
+    pub fn payload(&mut self, len: usize) -> usize {
+        if self.buf.is_empty() {
+            let n = self.piece(len.min(self.limit - self.delivered));
+            self.delivered += n;
+            n
+        } else {
+            let n = self.piece(len.min(self.buf.len()));
+            self.buf.drain(..n);
+            n
+        }
+    }
+
+    /// Delivers input for `want` (`Bytes` or `Nothing`): what a driver reading for it
+    /// would get. Whole runs deliver everything up to the limit at once.
+    pub fn offer(&mut self, want: Want) {
+        let whole = self.split.is_none();
+        match want {
+            Want::Bytes(w) if self.buf.len() < w && self.delivered < self.limit => {
+                let n = self.piece((w - self.buf.len()).min(self.limit - self.delivered));
+                let n = if whole {
+                    self.limit - self.delivered
+                } else {
+                    n
+                };
+                self.deliver(n);
+            }
+            Want::Nothing if self.delivered < self.limit && (whole || self.buf.is_empty()) => {
+                let n = self.piece(self.limit - self.delivered);
+                self.deliver(n);
+            }
+            _ => {}
+        }
+    }
+
+    /// The machine made no progress with what is buffered: delivers more (or lets the next
+    /// step cross a TLS point). False once the stream is all delivered.
+    pub fn stalled(&mut self) -> bool {
+        if self.delivered == self.stream.len() {
+            return false;
+        }
+        if self.limit == self.delivered {
+            self.past_point = true;
+        } else {
+            let n = self.piece(self.limit - self.delivered);
+            self.deliver(n);
+        }
+        true
+    }
+
+    /// Drops `n` consumed bytes from the front of `buf`.
+    pub fn consume(&mut self, n: usize) {
+        self.buf.drain(..n);
     }
 }
 

@@ -17,7 +17,7 @@ use nbd_proto::{Error, Misuse, Transmit, Want};
 
 use super::client::{same_transcript, tls, Transcript};
 use super::script::{self, Form};
-use super::{check_borrow, Rng};
+use super::{check_borrow, Feed, Rng};
 
 /// Longest transmission-phase message the server buffers: an extended header and a
 /// block-status payload naming every context.
@@ -843,44 +843,19 @@ pub fn run_server<const N: usize, const B: usize>(
     stream: &[u8],
     split: Option<Rng>,
 ) -> Transcript {
-    let points = client_tls_points(stream);
-    let mut k = Checked::<N, B>::new(setup.config, split.clone());
+    let mut feed = Feed::new(stream, client_tls_points(stream), split.clone());
+    let mut k = Checked::<N, B>::new(setup.config, split);
     let mut app = setup.responder.clone();
-    let mut rng = split;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut delivered = 0;
-    let mut past_point = false;
     k.check();
     k.transmit();
     for _ in 0..10_000_000 {
         if k.finished() {
             break;
         }
-        let limit = if !past_point && !buf.is_empty() && points.contains(&delivered) {
-            delivered
-        } else {
-            points
-                .iter()
-                .copied()
-                .find(|&p| p > delivered)
-                .unwrap_or(stream.len())
-        };
-        past_point = false;
-        let mut piece = |max: usize| match &mut rng {
-            None => max,
-            Some(r) => r.piece(max).min(max),
-        };
+        feed.step();
         match k.s.wants() {
             Want::Payload { len, .. } | Want::Discard { len } => {
-                let n = if buf.is_empty() {
-                    let n = piece(len.min(limit - delivered));
-                    delivered += n;
-                    n
-                } else {
-                    let n = piece(len.min(buf.len()));
-                    buf.drain(..n);
-                    n
-                };
+                let n = feed.payload(len);
                 if n == 0 {
                     break;
                 }
@@ -889,47 +864,25 @@ pub fn run_server<const N: usize, const B: usize>(
                 k.transmit();
                 continue;
             }
-            Want::Bytes(w) if buf.len() < w && delivered < limit => {
-                let n = piece((w - buf.len()).min(limit - delivered));
-                let n = if k.sizes.is_none() {
-                    limit - delivered
-                } else {
-                    n
-                };
-                buf.extend_from_slice(&stream[delivered..delivered + n]);
-                delivered += n;
-            }
-            Want::Nothing if delivered < limit && (k.sizes.is_none() || buf.is_empty()) => {
-                let n = piece(limit - delivered);
-                buf.extend_from_slice(&stream[delivered..delivered + n]);
-                delivered += n;
-            }
-            _ => {}
+            want => feed.offer(want),
         }
-        let Some((consumed, ask)) = k.input(&buf) else {
+        let Some((consumed, ask)) = k.input(&feed.buf) else {
             break;
         };
         if consumed == 0 && ask.is_none() {
             if let Want::Bytes(w) = k.s.wants() {
+                let buffered = feed.buf.len();
                 assert!(
-                    w > buf.len() || buf.is_empty(),
-                    "no progress with {} bytes, and wants() says {w}",
-                    buf.len()
+                    w > buffered || buffered == 0,
+                    "no progress with {buffered} bytes, and wants() says {w}"
                 );
             }
-            if delivered == stream.len() {
+            if !feed.stalled() {
                 break;
             }
-            if limit == delivered {
-                past_point = true;
-                continue;
-            }
-            let n = piece(limit - delivered);
-            buf.extend_from_slice(&stream[delivered..delivered + n]);
-            delivered += n;
             continue;
         }
-        buf.drain(..consumed);
+        feed.consume(consumed);
         if let Some(ask) = ask {
             app.answer(&mut k, ask);
         }
