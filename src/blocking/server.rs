@@ -872,6 +872,52 @@ pub struct MemoryBackend {
 
 const PAGE: u64 = 64 * 1024;
 
+/// Pages locked together by `read_to` and `write_from`, so that one vectored socket call
+/// moves up to 1 MiB.
+const GROUP: usize = 16;
+
+/// One page's part of a byte range: bytes `from..to` of page `page`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    page: usize,
+    from: usize,
+    to: usize,
+}
+
+impl Span {
+    fn len(&self) -> usize {
+        self.to - self.from
+    }
+}
+
+/// The pages `[offset, offset + len)` touches, in order, each with the part of it inside
+/// the range (nothing for an empty range).
+fn spans(offset: u64, len: u64) -> impl Iterator<Item = Span> {
+    let end = offset + len;
+    let pages = if len == 0 {
+        0..0
+    } else {
+        offset / PAGE..end.div_ceil(PAGE)
+    };
+    pages.map(move |p| {
+        let start = p * PAGE;
+        Span {
+            page: p as usize,
+            from: (offset.max(start) - start) as usize,
+            to: (end.min(start + PAGE) - start) as usize,
+        }
+    })
+}
+
+/// Up to [`GROUP`] spans at a time.
+fn groups(offset: u64, len: u64) -> impl Iterator<Item = ArrayVec<Span, GROUP>> {
+    let mut spans = spans(offset, len).peekable();
+    core::iter::from_fn(move || {
+        spans.peek()?;
+        Some(spans.by_ref().take(GROUP).collect())
+    })
+}
+
 impl MemoryBackend {
     /// A zeroed disk of `size` bytes.
     pub fn new(size: u64) -> Self {
@@ -901,22 +947,13 @@ impl MemoryBackend {
 
     /// Zeroes `[offset, offset + len)`, freeing whole pages.
     fn zero_range(&self, offset: u64, len: u64) {
-        let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            let p = at / PAGE;
-            let in_page = (at % PAGE) as usize;
-            let n = ((PAGE - at % PAGE).min(end - at)) as usize;
-            let mut page = self
-                .page(p as usize)
-                .write()
-                .unwrap_or_else(|e| e.into_inner());
-            if n as u64 == PAGE {
+        for s in spans(offset, len) {
+            let mut page = self.page(s.page).write().unwrap_or_else(|e| e.into_inner());
+            if s.len() as u64 == PAGE {
                 *page = None;
             } else if let Some(data) = page.as_mut() {
-                data[in_page..in_page + n].fill(0);
+                data[s.from..s.to].fill(0);
             }
-            at += n as u64;
         }
     }
 }
@@ -941,17 +978,18 @@ impl Backend for MemoryBackend {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut at = 0usize;
-        while at < buf.len() {
-            let pos = offset + at as u64;
-            let p = (pos / PAGE) as usize;
-            let in_page = (pos % PAGE) as usize;
-            let n = (PAGE as usize - in_page).min(buf.len() - at);
-            let page = self.page(p).read().unwrap_or_else(|e| e.into_inner());
-            match page.as_ref() {
-                Some(data) => buf[at..at + n].copy_from_slice(&data[in_page..in_page + n]),
-                None => buf[at..at + n].fill(0),
+        for s in spans(offset, buf.len() as u64) {
+            let out = &mut buf[at..at + s.len()];
+            match self
+                .page(s.page)
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                Some(data) => out.copy_from_slice(&data[s.from..s.to]),
+                None => out.fill(0),
             }
-            at += n;
+            at += s.len();
         }
         Ok(())
     }
@@ -959,15 +997,11 @@ impl Backend for MemoryBackend {
     fn write(&self, offset: u64, buf: &[u8], _fua: bool) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let mut at = 0usize;
-        while at < buf.len() {
-            let pos = offset + at as u64;
-            let p = (pos / PAGE) as usize;
-            let in_page = (pos % PAGE) as usize;
-            let n = (PAGE as usize - in_page).min(buf.len() - at);
-            let mut page = self.page(p).write().unwrap_or_else(|e| e.into_inner());
+        for s in spans(offset, buf.len() as u64) {
+            let mut page = self.page(s.page).write().unwrap_or_else(|e| e.into_inner());
             let data = page.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
-            data[in_page..in_page + n].copy_from_slice(&buf[at..at + n]);
-            at += n;
+            data[s.from..s.to].copy_from_slice(&buf[at..at + s.len()]);
+            at += s.len();
         }
         Ok(())
     }
@@ -980,31 +1014,22 @@ impl Backend for MemoryBackend {
         send: &mut dyn FnMut(&[&[u8]]) -> io::Result<()>,
     ) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
-        // Up to GROUP pages at a time, read-locked while the kernel copies them out.
-        const GROUP: usize = 16;
+        // GROUP pages at a time, read-locked while the kernel copies them out.
         let zero_page = &ZEROES[..PAGE as usize];
-        let end = offset + len as u64;
-        let mut at = offset;
-        while at < end {
-            let first = (at / PAGE) as usize;
-            let last = ((end - 1) / PAGE) as usize;
-            let pages = (last - first + 1).min(GROUP);
-            let mut guards: ArrayVec<_, GROUP> = ArrayVec::new();
-            for p in first..first + pages {
-                guards.push(self.page(p).read().unwrap_or_else(|e| e.into_inner()));
-            }
-            let mut slices: ArrayVec<&[u8], GROUP> = ArrayVec::new();
-            for (i, g) in guards.iter().enumerate() {
-                let page_start = (first + i) as u64 * PAGE;
-                let from = (at.max(page_start) - page_start) as usize;
-                let to = (end.min(page_start + PAGE) - page_start) as usize;
-                slices.push(match g.as_ref() {
-                    Some(data) => &data[from..to],
-                    None => &zero_page[from..to],
-                });
-            }
+        for group in groups(offset, len as u64) {
+            let guards: ArrayVec<_, GROUP> = group
+                .iter()
+                .map(|s| self.page(s.page).read().unwrap_or_else(|e| e.into_inner()))
+                .collect();
+            let slices: ArrayVec<&[u8], GROUP> = guards
+                .iter()
+                .zip(&group)
+                .map(|(g, s)| match g.as_ref() {
+                    Some(data) => &data[s.from..s.to],
+                    None => &zero_page[s.from..s.to],
+                })
+                .collect();
             send(&slices)?;
-            at = ((first + pages) as u64 * PAGE).min(end);
         }
         Ok(())
     }
@@ -1018,28 +1043,21 @@ impl Backend for MemoryBackend {
         fill: &mut dyn FnMut(&mut [&mut [u8]]) -> io::Result<()>,
     ) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
-        // Up to GROUP pages at a time, write-locked while the kernel copies into them.
-        const GROUP: usize = 16;
-        let end = offset + len as u64;
-        let mut at = offset;
-        while at < end {
-            let first = (at / PAGE) as usize;
-            let last = ((end - 1) / PAGE) as usize;
-            let pages = (last - first + 1).min(GROUP);
-            let mut guards: ArrayVec<_, GROUP> = ArrayVec::new();
-            for p in first..first + pages {
-                guards.push(self.page(p).write().unwrap_or_else(|e| e.into_inner()));
-            }
-            let mut slices: ArrayVec<&mut [u8], GROUP> = ArrayVec::new();
-            for (i, g) in guards.iter_mut().enumerate() {
-                let page_start = (first + i) as u64 * PAGE;
-                let from = (at.max(page_start) - page_start) as usize;
-                let to = (end.min(page_start + PAGE) - page_start) as usize;
-                let data = g.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
-                slices.push(&mut data[from..to]);
-            }
+        // GROUP pages at a time, write-locked while the kernel copies into them.
+        for group in groups(offset, len as u64) {
+            let mut guards: ArrayVec<_, GROUP> = group
+                .iter()
+                .map(|s| self.page(s.page).write().unwrap_or_else(|e| e.into_inner()))
+                .collect();
+            let mut slices: ArrayVec<&mut [u8], GROUP> = guards
+                .iter_mut()
+                .zip(&group)
+                .map(|(g, s)| {
+                    let data = g.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
+                    &mut data[s.from..s.to]
+                })
+                .collect();
             fill(&mut slices)?;
-            at = ((first + pages) as u64 * PAGE).min(end);
         }
         Ok(())
     }
@@ -1060,13 +1078,11 @@ impl Backend for MemoryBackend {
     ) -> io::Result<()> {
         self.check_range(offset, len)?;
         if no_hole {
-            // Allocated zeroes: write them (from the static page of zeroes: no allocation
-            // per request).
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(PAGE);
-                self.write(offset + at, &ZEROES[..n as usize], false)?;
-                at += n;
+            // Allocated zeroes: every page in the range exists afterwards.
+            for s in spans(offset, len) {
+                let mut page = self.page(s.page).write().unwrap_or_else(|e| e.into_inner());
+                let data = page.get_or_insert_with(|| vec![0; PAGE as usize].into_boxed_slice());
+                data[s.from..s.to].fill(0);
             }
         } else {
             self.zero_range(offset, len);
@@ -1088,12 +1104,10 @@ impl Backend for MemoryBackend {
     ) -> io::Result<()> {
         let first = out.len();
         let end = offset.saturating_add(len).min(self.size);
-        let mut at = offset;
-        while at < end {
-            let p = at / PAGE;
-            let n = (PAGE - at % PAGE).min(end - at);
+        for s in spans(offset, end.saturating_sub(offset)) {
+            let n = s.len() as u64;
             let allocated = self
-                .page(p as usize)
+                .page(s.page)
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some();
@@ -1108,7 +1122,6 @@ impl Backend for MemoryBackend {
                 _ if ours == max => break,
                 _ => out.push(Extent { len: n, status }),
             }
-            at += n;
         }
         Ok(())
     }
@@ -1257,6 +1270,44 @@ impl Backend for DirtyBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_cover_a_range_page_by_page() {
+        assert_eq!(spans(PAGE - 2, 0).count(), 0);
+        assert_eq!(spans(3, 0).count(), 0);
+        let v: Vec<Span> = spans(PAGE - 2, PAGE + 4).collect();
+        assert_eq!(
+            v,
+            [
+                Span {
+                    page: 0,
+                    from: PAGE as usize - 2,
+                    to: PAGE as usize
+                },
+                Span {
+                    page: 1,
+                    from: 0,
+                    to: PAGE as usize
+                },
+                Span {
+                    page: 2,
+                    from: 0,
+                    to: 2
+                },
+            ]
+        );
+        assert_eq!(
+            spans(2 * PAGE, PAGE).collect::<Vec<_>>(),
+            [Span {
+                page: 2,
+                from: 0,
+                to: PAGE as usize
+            }]
+        );
+        let sizes: Vec<usize> = groups(1, 40 * PAGE).map(|g| g.len()).collect();
+        assert_eq!(sizes, [GROUP, GROUP, 41 - 2 * GROUP]);
+        assert_eq!(groups(0, 0).count(), 0);
+    }
 
     #[test]
     fn memory_backend_is_sparse() {
