@@ -387,20 +387,8 @@ impl<const N: usize> COps<N> {
                 wide,
                 extents,
             } => {
-                let ctxs = self.k.c.contexts();
-                let id = if ctxs.is_empty() {
-                    u32::from(ctx)
-                } else {
-                    ctxs[usize::from(ctx) % ctxs.len()]
-                };
-                let ex: Vec<Extent> = extents
-                    .iter()
-                    .take(600)
-                    .map(|&(l, s)| Extent {
-                        len: u64::from(l) << 9,
-                        status: s.into(),
-                    })
-                    .collect();
+                let id = context_id(self.k.c.contexts(), ctx);
+                let ex = to_extents(&extents, 600);
                 let mut raw = vec![0; ex.len() * Extent::width(wide)];
                 let _ = nbd_proto::wire::extent::emit_extents(&ex, wide, &mut raw);
                 let Ok(extents) = Extents::new(&raw, wide) else {
@@ -937,20 +925,8 @@ impl<const N: usize, const B: usize> SOps<N, B> {
                 extents,
             } => {
                 let c = self.which(which);
-                let ctxs = self.k.s.contexts();
-                let id = if ctxs.is_empty() {
-                    u32::from(ctx)
-                } else {
-                    ctxs[usize::from(ctx) % ctxs.len()]
-                };
-                let ex: Vec<Extent> = extents
-                    .iter()
-                    .take(100)
-                    .map(|&(l, s)| Extent {
-                        len: u64::from(l) << 9,
-                        status: s.into(),
-                    })
-                    .collect();
+                let id = context_id(self.k.s.contexts(), ctx);
+                let ex = to_extents(&extents, 100);
                 let _ = self.k.reply_bs(c, id, &ex);
             }
         }
@@ -1006,3 +982,24 @@ pub fn server_ops(data: &[u8]) -> usize {
 
 #[allow(dead_code)]
 const _: u64 = NBD_MAGIC;
+
+/// A negotiated context ID chosen by `ctx` (or `ctx` itself when none was negotiated).
+fn context_id(negotiated: &[u32], ctx: u8) -> u32 {
+    if negotiated.is_empty() {
+        u32::from(ctx)
+    } else {
+        negotiated[usize::from(ctx) % negotiated.len()]
+    }
+}
+
+/// Up to `max` extents from fuzzed (length in 512-byte units, status) pairs.
+fn to_extents(pairs: &[(u16, u8)], max: usize) -> Vec<Extent> {
+    pairs
+        .iter()
+        .take(max)
+        .map(|&(l, s)| Extent {
+            len: u64::from(l) << 9,
+            status: s.into(),
+        })
+        .collect()
+}
